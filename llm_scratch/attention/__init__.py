@@ -1,0 +1,27 @@
+"""Attention: scaled dot-product attention and its masks, MHA, GQA/MQA, MLA, and KV caches."""
+
+from llm_scratch.attention.gqa import GroupedQueryAttention
+from llm_scratch.attention.kv_cache import KVCache, MLACache
+from llm_scratch.attention.mha import MultiHeadAttention
+from llm_scratch.attention.mla import MLAConfig, MultiHeadLatentAttention
+from llm_scratch.attention.sdpa import (
+    build_attn_mask,
+    causal_mask,
+    padding_to_attn_mask,
+    scaled_dot_product_attention,
+    sliding_window_mask,
+)
+
+__all__ = [
+    "GroupedQueryAttention",
+    "KVCache",
+    "MLACache",
+    "MLAConfig",
+    "MultiHeadAttention",
+    "MultiHeadLatentAttention",
+    "build_attn_mask",
+    "causal_mask",
+    "padding_to_attn_mask",
+    "scaled_dot_product_attention",
+    "sliding_window_mask",
+]

@@ -1,0 +1,125 @@
+"""Grouped-query attention (Ainslie et al. 2023), which covers MHA and MQA as its two ends.
+
+H query heads share K key/value heads, H / K queries per group:
+- K = H: multi-head attention (Vaswani et al. 2017);
+- K = 1: multi-query attention (Shazeer 2019);
+- in between: GQA, e.g. Llama 3 8B with H = 32, K = 8.
+Only the key and value projections shrink (to K·D outputs); the KV cache shrinks with them by H / K.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llm_scratch.attention.kv_cache import KVCache
+from llm_scratch.attention.sdpa import scaled_dot_product_attention
+from llm_scratch.position.rope import RotaryEmbedding
+
+__all__ = ["GroupedQueryAttention"]
+
+
+class GroupedQueryAttention(nn.Module):
+    """Self-attention with `n_heads` query heads and `n_kv_heads` key/value heads.
+
+    Args:
+        d_model: model width C.
+        n_heads: query heads H.
+        n_kv_heads: key/value heads K; must divide H. None means K = H (MHA).
+        head_dim: D; defaults to C / H (which must then divide evenly).
+        bias: whether the q, k, v and output projections have biases.
+        dropout: dropout on the attention weights, active in training mode only.
+        causal: decoder (True) or bidirectional encoder (False) attention.
+        window: sliding-window size (keys each query sees, itself included); implies causal.
+        rope: a RotaryEmbedding for D channels applied to q and k, or None.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        bias: bool = False,
+        dropout: float = 0.0,
+        causal: bool = True,
+        window: int | None = None,
+        rope: RotaryEmbedding | None = None,
+    ):
+        super().__init__()
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if d_model < 1 or n_heads < 1 or n_kv_heads < 1:
+            raise ValueError(f"d_model, n_heads, n_kv_heads must be >= 1, got {d_model}, {n_heads}, {n_kv_heads}")
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_kv_heads ({n_kv_heads}) must divide n_heads ({n_heads})")
+        if head_dim is None:
+            if d_model % n_heads:
+                raise ValueError(f"n_heads ({n_heads}) must divide d_model ({d_model}) when head_dim is not given")
+            head_dim = d_model // n_heads
+        if window is not None and (not causal or window < 1):
+            raise ValueError(f"window must be a positive int and needs causal=True, got window={window}")
+        if rope is not None and rope.head_dim != head_dim:
+            raise ValueError(f"rope covers {rope.head_dim} channels but head_dim is {head_dim}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.d_model, self.n_heads, self.n_kv_heads, self.head_dim = d_model, n_heads, n_kv_heads, head_dim
+        self.dropout, self.causal, self.window, self.rope = dropout, causal, window, rope
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias)
+
+    def init_cache(
+        self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device: torch.device | None = None
+    ) -> KVCache:
+        """An empty KV cache shaped for this layer (dtype and device default to the weights')."""
+        w = self.k_proj.weight
+        return KVCache(batch_size, max_len, self.n_kv_heads, self.head_dim,
+                       dtype=dtype or w.dtype, device=device or w.device)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        padding_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        naive: bool = False,
+    ) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C).
+
+        padding_mask: (B, T) for x's tokens, True = real. With a cache, the cache remembers the
+            padding of earlier tokens, so pass only the new tokens' mask.
+        cache: appended to with this call's keys and values; queries attend over all of it.
+        positions: (T,) or (B, T) RoPE positions; default cache.length + 0..T-1.
+        naive: use the explicit softmax(QKᵀ/√D)V path instead of the fused kernel.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have shape (B, T, {self.d_model}), got {tuple(x.shape)}")
+        B, T, _ = x.shape
+        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        if self.rope is not None:
+            if positions is None:
+                start = cache.length if cache is not None else 0
+                positions = torch.arange(start, start + T, device=x.device)
+            q, k = self.rope(q, positions), self.rope(k, positions)
+        if cache is not None:
+            k, v, padding_mask = cache.update(k, v, padding_mask)
+        out = scaled_dot_product_attention(
+            q, k, v,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=self.causal,
+            enable_gqa=K != H,
+            padding_mask=padding_mask,
+            window=self.window,
+            naive=naive,
+        )  # (B, H, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
+
+    def extra_repr(self) -> str:
+        extra = f", window={self.window}" if self.window is not None else ""
+        return (f"d_model={self.d_model}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
+                f"head_dim={self.head_dim}, causal={self.causal}{extra}")

@@ -1,0 +1,152 @@
+"""KV caches: what autoregressive decoding keeps so it never recomputes past keys and values.
+
+Without a cache, generating token t re-runs attention's projections over all t previous tokens;
+with one, each step projects only the new token and appends its key and value. Each cache here
+serves one attention layer and is preallocated for `max_len` tokens (a "static" cache: one
+allocation, fixed shapes), and grows a `length` counter as tokens are appended.
+
+- `KVCache`: keys and values per kv head, for MHA / GQA / MQA: 2·K·D numbers per token.
+- `MLACache`: multi-head latent attention's compressed latent c_KV and its shared RoPE key:
+  (d_c + d_R) numbers per token, whatever the number of heads (DeepSeek-V2, section 2.1).
+
+Both also remember the padding mask of the tokens they hold, so a caller passes `padding_mask`
+for its new tokens only. `bytes_per_token()` is measured from the allocated tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["KVCache", "MLACache"]
+
+
+class _LayerCache:
+    """Shared bookkeeping: preallocated buffers indexed by time, a length, a padding history."""
+
+    def __init__(self, batch_size: int, max_len: int, device: torch.device | None):
+        if batch_size < 1 or max_len < 1:
+            raise ValueError(f"batch_size and max_len must be >= 1, got {batch_size} and {max_len}")
+        self.batch_size, self.max_len, self.length = batch_size, max_len, 0
+        self.padding = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        self._has_padding = False
+
+    def _buffers(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _reserve(self, new_len: int, batch_size: int, padding_mask: torch.Tensor | None) -> slice:
+        if batch_size != self.batch_size:
+            raise ValueError(f"the cache holds batch_size={self.batch_size}, the update has {batch_size}")
+        if self.length + new_len > self.max_len:
+            raise ValueError(
+                f"the cache holds max_len={self.max_len} tokens; {self.length} are stored and "
+                f"{new_len} more would exceed it"
+            )
+        span = slice(self.length, self.length + new_len)
+        if padding_mask is not None:
+            if padding_mask.shape != (batch_size, new_len) or padding_mask.dtype != torch.bool:
+                raise ValueError(
+                    f"padding_mask must be bool of shape (B, T_new) = ({batch_size}, {new_len}), "
+                    f"got {padding_mask.dtype} {tuple(padding_mask.shape)}"
+                )
+            self.padding[:, span] = padding_mask
+            self._has_padding = self._has_padding or not bool(padding_mask.all())
+        return span
+
+    def _padding_so_far(self) -> torch.Tensor | None:
+        """(B, length) padding mask of every stored token, or None if none of them is padding."""
+        return self.padding[:, : self.length] if self._has_padding else None
+
+    def reset(self) -> None:
+        """Forget every stored token (the buffers are kept for reuse)."""
+        self.length = 0
+        self.padding.fill_(True)
+        self._has_padding = False
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated for the cached activations (the padding history is not counted)."""
+        return sum(t.nelement() * t.element_size() for t in self._buffers().values())
+
+    def bytes_per_token(self) -> float:
+        """Cache bytes one token of one sequence takes in this layer, measured from the buffers."""
+        return self.nbytes / (self.batch_size * self.max_len)
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{n}={tuple(t.shape)}" for n, t in self._buffers().items())
+        return f"{type(self).__name__}(length={self.length}, {shapes})"
+
+
+class KVCache(_LayerCache):
+    """Keys (B, K, max_len, D) and values (B, K, max_len, Dv) of one MHA/GQA/MQA layer."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        max_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        v_head_dim: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | None = None,
+    ):
+        super().__init__(batch_size, max_len, device)
+        v_head_dim = head_dim if v_head_dim is None else v_head_dim
+        self.k = torch.zeros(batch_size, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(batch_size, n_kv_heads, max_len, v_head_dim, dtype=dtype, device=device)
+
+    def _buffers(self) -> dict[str, torch.Tensor]:
+        return {"k": self.k, "v": self.v}
+
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, padding_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Append k (B, K, T, D) and v (B, K, T, Dv); return every stored key, value and padding mask."""
+        if k.shape[1] != self.k.shape[1] or k.shape[3] != self.k.shape[3] or v.shape[3] != self.v.shape[3]:
+            raise ValueError(
+                f"the cache stores (K={self.k.shape[1]}, D={self.k.shape[3]}, Dv={self.v.shape[3]}); "
+                f"got k {tuple(k.shape)} and v {tuple(v.shape)}"
+            )
+        if k.dtype != self.k.dtype:
+            raise ValueError(f"the cache stores {self.k.dtype}, got k of dtype {k.dtype}")
+        span = self._reserve(k.shape[2], k.shape[0], padding_mask)
+        self.k[:, :, span] = k
+        self.v[:, :, span] = v
+        self.length = span.stop
+        return self.k[:, :, : self.length], self.v[:, :, : self.length], self._padding_so_far()
+
+
+class MLACache(_LayerCache):
+    """Multi-head latent attention's latent c_KV (B, max_len, d_c) and RoPE key (B, max_len, d_R)."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        max_len: int,
+        kv_lora_rank: int,
+        rope_head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | None = None,
+    ):
+        super().__init__(batch_size, max_len, device)
+        self.latent = torch.zeros(batch_size, max_len, kv_lora_rank, dtype=dtype, device=device)
+        self.k_rope = torch.zeros(batch_size, max_len, rope_head_dim, dtype=dtype, device=device)
+
+    def _buffers(self) -> dict[str, torch.Tensor]:
+        return {"latent": self.latent, "k_rope": self.k_rope}
+
+    def update(
+        self, latent: torch.Tensor, k_rope: torch.Tensor, padding_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Append latent (B, T, d_c) and k_rope (B, T, d_R); return everything stored."""
+        if latent.shape[-1] != self.latent.shape[-1] or k_rope.shape[-1] != self.k_rope.shape[-1]:
+            raise ValueError(
+                f"the cache stores d_c={self.latent.shape[-1]}, d_R={self.k_rope.shape[-1]}; "
+                f"got latent {tuple(latent.shape)} and k_rope {tuple(k_rope.shape)}"
+            )
+        if latent.dtype != self.latent.dtype:
+            raise ValueError(f"the cache stores {self.latent.dtype}, got latent of dtype {latent.dtype}")
+        span = self._reserve(latent.shape[1], latent.shape[0], padding_mask)
+        self.latent[:, span] = latent
+        self.k_rope[:, span] = k_rope
+        self.length = span.stop
+        return self.latent[:, : self.length], self.k_rope[:, : self.length], self._padding_so_far()
