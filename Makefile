@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 		{ echo "llm_scratch needs Python >= 3.11; run e.g. 'make PYTHON=python3.11 $(MAKECMDGOALS)'"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -c 'import torch' 2>/dev/null || $(BIN)/pip install "$(TORCH)"
+	$(BIN)/python -c 'import torch' 2>/dev/null || $(BIN)/pip install $(TORCH)
 	$(BIN)/pip install -e ".[dev]"
 	touch $@
 

@@ -183,8 +183,21 @@ def test_cache_overflow_and_mismatch_are_errors():
         KVCache(1, 8, 2, 8).update(k.double(), k.double())
     with pytest.raises(ValueError, match="padding_mask"):
         KVCache(1, 8, 2, 8).update(k, k, padding_mask=torch.ones(1, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="length"):
+        cache.truncate(4)
     cache.reset()
     assert cache.length == 0
+
+
+def test_truncate_rolls_back_and_decoding_resumes():
+    attn = make("gqa_rope").eval()
+    x, other = torch.randn(1, 6, C), torch.randn(1, 2, C)
+    full = attn(x)
+    cache = attn.init_cache(1, 8)
+    attn(x[:, :4], cache=cache)
+    attn(other, cache=cache)  # two tokens that get rejected
+    cache.truncate(4)
+    torch.testing.assert_close(attn(x[:, 4:], cache=cache), full[:, 4:], atol=ATOL, rtol=0)
 
 
 # ---------------------------------------------------------------- bad input

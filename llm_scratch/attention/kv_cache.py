@@ -58,9 +58,15 @@ class _LayerCache:
 
     def reset(self) -> None:
         """Forget every stored token (the buffers are kept for reuse)."""
-        self.length = 0
-        self.padding.fill_(True)
-        self._has_padding = False
+        self.truncate(0)
+
+    def truncate(self, length: int) -> None:
+        """Keep only the first `length` stored tokens, e.g. to roll back rejected draft tokens."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"length must be in [0, {self.length}] (the tokens stored), got {length}")
+        self.length = length
+        self.padding[:, length:] = True
+        self._has_padding = not bool(self.padding[:, :length].all())
 
     @property
     def nbytes(self) -> int:

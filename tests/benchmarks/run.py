@@ -1,0 +1,101 @@
+"""`make bench`: speed figures of the package, measured on the machine that runs it.
+
+Not part of `make test` (timings are not assertions). Each benchmark prints one table; run with
+`--quick` for a smoke run. Add a chapter's benchmarks as a function and list it in BENCHMARKS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+from llm_scratch import get_device, seed_everything
+from llm_scratch.attention import GroupedQueryAttention, scaled_dot_product_attention
+
+
+def timeit(fn, device: torch.device, repeats: int) -> float:
+    """Median wall time of fn() in milliseconds, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type != "cpu":
+            torch.accelerator.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type != "cpu":
+            torch.accelerator.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def bench_sdpa_paths(device: torch.device, quick: bool) -> None:
+    """Naive softmax(QKᵀ/√D)V vs the fused kernel, causal, B=4, H=8, D=64."""
+    print("\nscaled dot-product attention, causal, B=4 H=8 D=64 (ms, median)")
+    print(f"{'T':>6} {'naive':>10} {'fused':>10} {'speed-up':>9}")
+    for T in (128, 512) if quick else (128, 512, 1024, 2048):
+        q, k, v = (torch.randn(4, 8, T, 64, device=device) for _ in range(3))
+        naive = timeit(lambda: scaled_dot_product_attention(q, k, v, is_causal=True, naive=True), device, 5)
+        fused = timeit(lambda: scaled_dot_product_attention(q, k, v, is_causal=True), device, 5)
+        print(f"{T:>6} {naive:>10.2f} {fused:>10.2f} {naive / fused:>8.1f}x")
+
+
+@torch.no_grad()
+def bench_kv_cache_decode(device: torch.device, quick: bool) -> None:
+    """Time to produce the next token's attention output, 4 GQA layers, with and without a cache."""
+    layers = [GroupedQueryAttention(256, 8, n_kv_heads=2).to(device).eval() for _ in range(4)]
+    print("\ndecode one token through 4 GQA layers (C=256, H=8, K=2), batch 1 (ms, median)")
+    print(f"{'context':>8} {'no cache':>10} {'cache':>10} {'speed-up':>9}")
+    for T in (64, 256) if quick else (64, 256, 1024, 2048):
+        x = torch.randn(1, T + 1, 256, device=device)
+
+        def without_cache():
+            h = x
+            for layer in layers:
+                h = layer(h)  # recompute every position, keep the last
+            return h[:, -1:]
+
+        caches = [layer.init_cache(1, T + 1) for layer in layers]
+
+        def prefill():
+            for cache in caches:
+                cache.reset()
+            h = x[:, :T]
+            for layer, cache in zip(layers, caches, strict=True):
+                h = layer(h, cache=cache)
+
+        def with_cache():
+            h = x[:, T:]
+            for layer, cache in zip(layers, caches, strict=True):
+                h = layer(h, cache=cache)
+            for cache in caches:
+                cache.truncate(T)  # roll back so the next repeat decodes the same position
+            return h
+
+        prefill()
+        no_cache_ms = timeit(without_cache, device, 5)
+        cache_ms = timeit(with_cache, device, 20)
+        print(f"{T:>8} {no_cache_ms:>10.3f} {cache_ms:>10.3f} {no_cache_ms / cache_ms:>8.1f}x")
+
+
+BENCHMARKS = [bench_sdpa_paths, bench_kv_cache_decode]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer sizes, for a smoke run")
+    args = parser.parse_args()
+    seed_everything(0)
+    device = get_device()
+    print(f"llm_scratch benchmarks on {device} | torch {torch.__version__} | {torch.get_num_threads()} threads "
+          f"| {platform.machine()} {platform.processor() or ''}".rstrip())
+    for bench in BENCHMARKS:
+        bench(device, args.quick)
+
+
+if __name__ == "__main__":
+    main()
