@@ -10,6 +10,7 @@ import argparse
 import platform
 import statistics
 import time
+from functools import partial
 
 import torch
 
@@ -39,9 +40,37 @@ def bench_sdpa_paths(device: torch.device, quick: bool) -> None:
     print(f"{'T':>6} {'naive':>10} {'fused':>10} {'speed-up':>9}")
     for T in (128, 512) if quick else (128, 512, 1024, 2048):
         q, k, v = (torch.randn(4, 8, T, 64, device=device) for _ in range(3))
-        naive = timeit(lambda: scaled_dot_product_attention(q, k, v, is_causal=True, naive=True), device, 5)
-        fused = timeit(lambda: scaled_dot_product_attention(q, k, v, is_causal=True), device, 5)
+        naive, fused = (
+            timeit(partial(scaled_dot_product_attention, q, k, v, is_causal=True, naive=flag), device, 5)
+            for flag in (True, False)
+        )
         print(f"{T:>6} {naive:>10.2f} {fused:>10.2f} {naive / fused:>8.1f}x")
+
+
+def _decode_step_ms(layers: list[GroupedQueryAttention], context: int, device: torch.device) -> tuple[float, float]:
+    """(without cache, with cache) ms to get token `context`'s output from the stack of layers."""
+    x = torch.randn(1, context + 1, layers[0].d_model, device=device)
+
+    def without_cache():
+        h = x
+        for layer in layers:
+            h = layer(h)  # recompute every position, keep the last
+        return h[:, -1:]
+
+    caches = [layer.init_cache(1, context + 1) for layer in layers]
+    h = x[:, :context]
+    for layer, cache in zip(layers, caches, strict=True):  # prefill once
+        h = layer(h, cache=cache)
+
+    def with_cache():
+        h = x[:, context:]
+        for layer, cache in zip(layers, caches, strict=True):
+            h = layer(h, cache=cache)
+        for cache in caches:
+            cache.truncate(context)  # roll back so the next repeat decodes the same position
+        return h
+
+    return timeit(without_cache, device, 5), timeit(with_cache, device, 20)
 
 
 @torch.no_grad()
@@ -51,34 +80,7 @@ def bench_kv_cache_decode(device: torch.device, quick: bool) -> None:
     print("\ndecode one token through 4 GQA layers (C=256, H=8, K=2), batch 1 (ms, median)")
     print(f"{'context':>8} {'no cache':>10} {'cache':>10} {'speed-up':>9}")
     for T in (64, 256) if quick else (64, 256, 1024, 2048):
-        x = torch.randn(1, T + 1, 256, device=device)
-
-        def without_cache():
-            h = x
-            for layer in layers:
-                h = layer(h)  # recompute every position, keep the last
-            return h[:, -1:]
-
-        caches = [layer.init_cache(1, T + 1) for layer in layers]
-
-        def prefill():
-            for cache in caches:
-                cache.reset()
-            h = x[:, :T]
-            for layer, cache in zip(layers, caches, strict=True):
-                h = layer(h, cache=cache)
-
-        def with_cache():
-            h = x[:, T:]
-            for layer, cache in zip(layers, caches, strict=True):
-                h = layer(h, cache=cache)
-            for cache in caches:
-                cache.truncate(T)  # roll back so the next repeat decodes the same position
-            return h
-
-        prefill()
-        no_cache_ms = timeit(without_cache, device, 5)
-        cache_ms = timeit(with_cache, device, 20)
+        no_cache_ms, cache_ms = _decode_step_ms(layers, T, device)
         print(f"{T:>8} {no_cache_ms:>10.3f} {cache_ms:>10.3f} {no_cache_ms / cache_ms:>8.1f}x")
 
 
