@@ -163,18 +163,29 @@ def scaled_dot_product_attention(
         )
 
     # --- the reference path, term by term ---
-    if k.shape[1] != H:  # grouped-query: each kv head serves H / K consecutive query heads
-        k = k.repeat_interleave(H // k.shape[1], dim=1)
-        v = v.repeat_interleave(H // v.shape[1], dim=1)
-    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
+    # Grouped-query attention without copying keys: view the H query heads as K groups of G = H / K
+    # (query head h = g·G + i reads kv head g, as torch's enable_gqa), and let matmul broadcast each
+    # kv head over its group. K == H is plain multi-head attention with groups of one.
+    K = k.shape[1]
+    G = H // K
+    qg = q.view(B, K, G, Tq, D)
+    scores = (qg @ k[:, :, None].transpose(-2, -1)) * scale  # (B, K, G, Tq, Tk)
     if mask is not None:
+        mask = _group_heads(mask, K, G)
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     weights = torch.softmax(scores, dim=-1)
     # A row with every key masked is all -inf and its softmax is 0/0 = NaN: it attends to nothing.
     weights = weights.masked_fill(torch.isneginf(scores).all(dim=-1, keepdim=True), 0.0)
     if dropout_p > 0.0:
         weights = F.dropout(weights, p=dropout_p)
-    return weights @ v  # (B, H, Tq, Dv)
+    return (weights @ v[:, :, None]).reshape(B, H, Tq, v.shape[-1])  # (B, H, Tq, Dv)
+
+
+def _group_heads(mask: torch.Tensor, K: int, G: int) -> torch.Tensor:
+    """A mask broadcastable to (B, H, Tq, Tk) -> one broadcastable to (B, K, G, Tq, Tk)."""
+    mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))  # (b, h, Tq, Tk), b in {1, B}, h in {1, H}
+    b, h, tq, tk = mask.shape
+    return mask.reshape(b, K, G, tq, tk) if h != 1 else mask[:, :, None]
 
 
 def _check_lengths(q_len: int, k_len: int) -> None:
