@@ -179,8 +179,12 @@ def test_cache_overflow_and_mismatch_are_errors():
         KVCache(1, 8, 2, 8).update(torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8))
     with pytest.raises(ValueError, match="stores"):
         KVCache(1, 8, 2, 8).update(torch.randn(1, 3, 1, 8), torch.randn(1, 3, 1, 8))
+    with pytest.raises(ValueError, match="stores"):  # a one-head v is not broadcast to both heads
+        KVCache(1, 8, 2, 8).update(k, torch.randn(1, 1, 3, 8))
     with pytest.raises(ValueError, match="dtype"):
         KVCache(1, 8, 2, 8).update(k.double(), k.double())
+    with pytest.raises(ValueError, match="dtype"):
+        KVCache(1, 8, 2, 8).update(k, k.double())
     with pytest.raises(ValueError, match="padding_mask"):
         KVCache(1, 8, 2, 8).update(k, k, padding_mask=torch.ones(1, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="length"):

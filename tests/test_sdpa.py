@@ -155,6 +155,11 @@ def test_build_attn_mask_none_when_nothing_masked():
     assert build_attn_mask(4, 4) is None
 
 
+def test_build_attn_mask_follows_the_padding_mask_device():
+    padding = torch.ones(2, 4, dtype=torch.bool, device="meta")
+    assert build_attn_mask(4, 4, is_causal=True, padding_mask=padding).device.type == "meta"
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

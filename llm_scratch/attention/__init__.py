@@ -2,7 +2,7 @@
 
 from llm_scratch.attention.gqa import GroupedQueryAttention
 from llm_scratch.attention.kv_cache import KVCache, MLACache
-from llm_scratch.attention.mha import MultiHeadAttention
+from llm_scratch.attention.mha import MultiHeadAttention, load_from_torch
 from llm_scratch.attention.mla import MLAConfig, MultiHeadLatentAttention
 from llm_scratch.attention.sdpa import (
     build_attn_mask,
@@ -21,6 +21,7 @@ __all__ = [
     "MultiHeadLatentAttention",
     "build_attn_mask",
     "causal_mask",
+    "load_from_torch",
     "padding_to_attn_mask",
     "scaled_dot_product_attention",
     "sliding_window_mask",

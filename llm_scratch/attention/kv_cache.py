@@ -107,13 +107,14 @@ class KVCache(_LayerCache):
         self, k: torch.Tensor, v: torch.Tensor, padding_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Append k (B, K, T, D) and v (B, K, T, Dv); return every stored key, value and padding mask."""
-        if k.shape[1] != self.k.shape[1] or k.shape[3] != self.k.shape[3] or v.shape[3] != self.v.shape[3]:
+        if (k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3] or k.shape[1] != self.k.shape[1]
+                or k.shape[3] != self.k.shape[3] or v.shape[3] != self.v.shape[3]):
             raise ValueError(
-                f"the cache stores (K={self.k.shape[1]}, D={self.k.shape[3]}, Dv={self.v.shape[3]}); "
-                f"got k {tuple(k.shape)} and v {tuple(v.shape)}"
+                f"the cache stores (K={self.k.shape[1]}, D={self.k.shape[3]}, Dv={self.v.shape[3]}) and k, v "
+                f"must agree on (B, K, T); got k {tuple(k.shape)} and v {tuple(v.shape)}"
             )
-        if k.dtype != self.k.dtype:
-            raise ValueError(f"the cache stores {self.k.dtype}, got k of dtype {k.dtype}")
+        if k.dtype != self.k.dtype or v.dtype != self.v.dtype:
+            raise ValueError(f"the cache stores {self.k.dtype}, got k of dtype {k.dtype} and v of dtype {v.dtype}")
         span = self._reserve(k.shape[2], k.shape[0], padding_mask)
         self.k[:, :, span] = k
         self.v[:, :, span] = v
@@ -144,13 +145,16 @@ class MLACache(_LayerCache):
         self, latent: torch.Tensor, k_rope: torch.Tensor, padding_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Append latent (B, T, d_c) and k_rope (B, T, d_R); return everything stored."""
-        if latent.shape[-1] != self.latent.shape[-1] or k_rope.shape[-1] != self.k_rope.shape[-1]:
+        if (latent.dim() != 3 or k_rope.dim() != 3 or latent.shape[:2] != k_rope.shape[:2]
+                or latent.shape[-1] != self.latent.shape[-1] or k_rope.shape[-1] != self.k_rope.shape[-1]):
             raise ValueError(
                 f"the cache stores d_c={self.latent.shape[-1]}, d_R={self.k_rope.shape[-1]}; "
                 f"got latent {tuple(latent.shape)} and k_rope {tuple(k_rope.shape)}"
             )
-        if latent.dtype != self.latent.dtype:
-            raise ValueError(f"the cache stores {self.latent.dtype}, got latent of dtype {latent.dtype}")
+        if latent.dtype != self.latent.dtype or k_rope.dtype != self.k_rope.dtype:
+            raise ValueError(
+                f"the cache stores {self.latent.dtype}, got latent of dtype {latent.dtype} and k_rope of {k_rope.dtype}"
+            )
         span = self._reserve(latent.shape[1], latent.shape[0], padding_mask)
         self.latent[:, span] = latent
         self.k_rope[:, span] = k_rope

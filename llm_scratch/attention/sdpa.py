@@ -89,7 +89,10 @@ def build_attn_mask(
 
     Returns None when nothing is masked, a tensor broadcastable to (B, H, Tq, Tk) otherwise.
     `window` implies causal. `batch_size`/`n_heads`, when given, are used to check the shapes.
+    `device` defaults to that of `padding_mask` or `attn_mask`.
     """
+    if device is None:
+        device = next((m.device for m in (padding_mask, attn_mask) if m is not None), None)
     mask: torch.Tensor | None = None
     if window is not None:
         mask = sliding_window_mask(q_len, k_len, window, device=device)
@@ -158,8 +161,12 @@ def scaled_dot_product_attention(
         batch_size=B, n_heads=H, device=q.device,
     )
     if not naive:
+        # Plain square causal attention: let the kernel build the mask itself (it is then free to
+        # pick a FlashAttention backend, which takes no explicit mask).
+        plain_causal = is_causal and Tq == Tk and window is None and attn_mask is None and padding_mask is None
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa
+            q, k, v, attn_mask=None if plain_causal else mask, dropout_p=dropout_p, is_causal=plain_causal,
+            scale=scale, enable_gqa=enable_gqa,
         )
 
     # --- the reference path, term by term ---
