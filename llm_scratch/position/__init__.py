@@ -1,5 +1,51 @@
-"""Positional encodings. So far: rotary position embedding (RoPE), which attention needs."""
+"""Positional encodings: absolute (sinusoidal, learned), relative (Shaw, T5 buckets, ALiBi) and rotary (RoPE)."""
 
-from llm_scratch.position.rope import RotaryEmbedding, apply_rope, rope_angles, rope_inverse_frequencies
+from llm_scratch.position.absolute import (
+    LearnedPositionEmbedding,
+    SinusoidalPositionEmbedding,
+    sinusoidal_position_encoding,
+)
+from llm_scratch.position.relative import (
+    ShawRelativePosition,
+    T5RelativeBias,
+    alibi_bias,
+    alibi_slopes,
+    relative_positions,
+    shaw_attention,
+    t5_relative_position_bucket,
+)
+from llm_scratch.position.rope import (
+    ROPE_TYPES,
+    RopeScaling,
+    RotaryEmbedding,
+    apply_rope,
+    half_to_interleaved_permutation,
+    interleaved_to_half_permutation,
+    rope_angles,
+    rope_frequencies,
+    rope_inverse_frequencies,
+)
 
-__all__ = ["RotaryEmbedding", "apply_rope", "rope_angles", "rope_inverse_frequencies"]
+__all__ = [
+    "ROPE_TYPES",
+    "RopeScaling",
+    "RotaryEmbedding",
+    "apply_rope",
+    "half_to_interleaved_permutation",
+    "interleaved_to_half_permutation",
+    "rope_angles",
+    "rope_frequencies",
+    "rope_inverse_frequencies",
+]
+__all__ += [
+    "LearnedPositionEmbedding",
+    "ShawRelativePosition",
+    "SinusoidalPositionEmbedding",
+    "T5RelativeBias",
+    "alibi_bias",
+    "alibi_slopes",
+    "relative_positions",
+    "shaw_attention",
+    "sinusoidal_position_encoding",
+    "t5_relative_position_bucket",
+]
