@@ -17,7 +17,7 @@ TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 MPLBACKEND=Agg
 NOTEBOOKS := $(sort $(wildcard notebooks/*/*.ipynb))
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: setup lab test unit nbtest lint notebooks bench clean
+.PHONY: setup lab test unit nbtest lint notebooks bench artifacts clean
 
 setup: $(STAMP)
 
@@ -59,6 +59,11 @@ notebooks: setup
 
 bench: setup
 	$(BIN)/python tests/benchmarks/run.py
+
+# Rebuild the small committed checkpoints under data/checkpoints/ from the package's own training
+# functions (fixed seeds; each writes its config, seed, data, steps and loss log beside it).
+artifacts: setup
+	$(BIN)/python -m llm_scratch.artifacts
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -28,24 +28,22 @@ from llm_scratch.position.rope import (
 
 __all__ = [
     "ROPE_TYPES",
-    "RopeScaling",
-    "RotaryEmbedding",
+    "alibi_bias",
+    "alibi_slopes",
     "apply_rope",
     "half_to_interleaved_permutation",
     "interleaved_to_half_permutation",
+    "LearnedPositionEmbedding",
+    "relative_positions",
     "rope_angles",
     "rope_frequencies",
     "rope_inverse_frequencies",
-]
-__all__ += [
-    "LearnedPositionEmbedding",
-    "ShawRelativePosition",
-    "SinusoidalPositionEmbedding",
-    "T5RelativeBias",
-    "alibi_bias",
-    "alibi_slopes",
-    "relative_positions",
+    "RopeScaling",
+    "RotaryEmbedding",
     "shaw_attention",
+    "ShawRelativePosition",
     "sinusoidal_position_encoding",
+    "SinusoidalPositionEmbedding",
     "t5_relative_position_bucket",
+    "T5RelativeBias",
 ]

@@ -1,0 +1,72 @@
+"""Rebuild every committed artifact under data/ from the package's own functions.
+
+    python -m llm_scratch.artifacts            # rebuild all (slow: minutes on a CPU)
+    python -m llm_scratch.artifacts --list     # what would be built, and where
+    python -m llm_scratch.artifacts NAME ...   # rebuild only these
+
+Each artifact is retrained from scratch with its fixed seed and written atomically (the old files
+stay in place until the new ones are complete), together with a JSON describing its config, seed,
+data, steps and loss log. Results are reproducible on one machine and torch version; across
+machines the floating-point path may differ, so the bytes may too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import tempfile
+import time
+from collections.abc import Callable
+
+__all__ = ["ARTIFACTS", "build", "main"]
+
+
+def _rope_context_extension(path: pathlib.Path) -> None:
+    from llm_scratch.position.context_extension import load_or_train
+
+    # load_or_train trains only when no checkpoint exists, so train into an empty folder and move the
+    # finished pair into place: the committed files are replaced only by a complete new pair
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        fresh = pathlib.Path(tmp) / path.name
+        load_or_train(fresh, device="cpu")
+        for suffix in (".safetensors", ".json"):
+            fresh.with_name(fresh.name + suffix).replace(path.with_name(path.name + suffix))
+
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# name -> (path stem relative to the repository, builder); a builder writes <stem>.safetensors and <stem>.json
+ARTIFACTS: dict[str, tuple[str, Callable[[pathlib.Path], None]]] = {
+    "rope_context_extension": ("data/checkpoints/rope_context_extension", _rope_context_extension),
+}
+
+
+def build(names: list[str] | None = None) -> None:
+    """Rebuild the named artifacts (all when None), printing each one's path and time."""
+    names = list(ARTIFACTS) if not names else names
+    unknown = [n for n in names if n not in ARTIFACTS]
+    if unknown:
+        raise ValueError(f"unknown artifacts {unknown}; known: {', '.join(ARTIFACTS)}")
+    for name in names:
+        stem, builder = ARTIFACTS[name]
+        path = REPO_ROOT / stem
+        path.parent.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        builder(path)
+        print(f"{name}: wrote {stem}.safetensors and {stem}.json in {time.perf_counter() - start:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m llm_scratch.artifacts", description=__doc__.split("\n")[0])
+    parser.add_argument("names", nargs="*", help=f"artifacts to rebuild (default: all of {', '.join(ARTIFACTS)})")
+    parser.add_argument("--list", action="store_true", help="list the artifacts and their paths, build nothing")
+    args = parser.parse_args(argv)
+    if args.list:
+        for name, (stem, _) in ARTIFACTS.items():
+            print(f"{name}: {stem}.safetensors, {stem}.json")
+        return
+    build(args.names)
+
+
+if __name__ == "__main__":
+    main()
