@@ -33,11 +33,19 @@ def _rope_context_extension(path: pathlib.Path) -> None:
             fresh.with_name(fresh.name + suffix).replace(path.with_name(path.name + suffix))
 
 
+def _shakespeare_tokenizer(path: pathlib.Path) -> None:
+    from llm_scratch.tokenizer.pretrained import save_shakespeare_tokenizer
+
+    save_shakespeare_tokenizer(path)
+
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# name -> (path stem relative to the repository, builder); a builder writes <stem>.safetensors and <stem>.json
-ARTIFACTS: dict[str, tuple[str, Callable[[pathlib.Path], None]]] = {
-    "rope_context_extension": ("data/checkpoints/rope_context_extension", _rope_context_extension),
+# name -> (path stem relative to the repository, builder, the suffixes it writes), in dependency order
+ARTIFACTS: dict[str, tuple[str, Callable[[pathlib.Path], None], tuple[str, ...]]] = {
+    "shakespeare_tokenizer": ("data/tokenizers/shakespeare", _shakespeare_tokenizer, (".tiktoken", ".json")),
+    "rope_context_extension": ("data/checkpoints/rope_context_extension", _rope_context_extension,
+                               (".safetensors", ".json")),
 }
 
 
@@ -48,12 +56,13 @@ def build(names: list[str] | None = None) -> None:
     if unknown:
         raise ValueError(f"unknown artifacts {unknown}; known: {', '.join(ARTIFACTS)}")
     for name in names:
-        stem, builder = ARTIFACTS[name]
+        stem, builder, suffixes = ARTIFACTS[name]
         path = REPO_ROOT / stem
         path.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         builder(path)
-        print(f"{name}: wrote {stem}.safetensors and {stem}.json in {time.perf_counter() - start:.0f} s")
+        written = " and ".join(stem + suffix for suffix in suffixes)
+        print(f"{name}: wrote {written} in {time.perf_counter() - start:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,8 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--list", action="store_true", help="list the artifacts and their paths, build nothing")
     args = parser.parse_args(argv)
     if args.list:
-        for name, (stem, _) in ARTIFACTS.items():
-            print(f"{name}: {stem}.safetensors, {stem}.json")
+        for name, (stem, _, suffixes) in ARTIFACTS.items():
+            print(f"{name}: {', '.join(stem + suffix for suffix in suffixes)}")
         return
     build(args.names)
 

@@ -6,7 +6,7 @@ both, W = E (Press & Wolf 2017, arXiv:1608.05859; GPT-2, Gemma, Llama 3.2 1B/3B)
 parameters (38.6 M of GPT-2 small's 124 M) and gives a token the same vector going in and coming out.
 
 The common PyTorch idiom, `lm_head.weight = tok_emb.weight`, shares one Parameter between two modules,
-and most moves keep it shared (`.to(dtype)`, `.to("cuda")`, `load_state_dict`). Not all: in PyTorch
+and most moves keep it shared (`.to(dtype)`, a move to a GPU, `load_state_dict`). Not all: in PyTorch
 2.13 `.to("meta")` and `to_empty(device=...)` -- the usual way to build a large model without
 allocating it, then load weights -- give each module its own new Parameter, and the two silently
 drift apart in training. `TiedLMHead` avoids the question: it owns no weight and reads the
