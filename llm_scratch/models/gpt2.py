@@ -1,0 +1,147 @@
+"""GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"), from the parts of
+the earlier chapters.
+
+    token ids (B, T) -> wte + wpe -> n_layers x Block -> LayerNorm -> logits = h · wteᵀ (tied)
+    Block(x) = x + attn(ln_1(x)),  then  x + mlp(ln_2(x))        (pre-LN; GPT-2 section 2.3)
+
+Multi-head causal attention with biases, learned absolute positions, a GELU-tanh MLP of width 4·C,
+LayerNorm with bias (ε = 1e-5), the LM head tied to the token embedding. Initialization follows
+section 2.3: N(0, 0.02²) everywhere, and the two projections that write into the residual stream
+scaled by 1/√(2·n_layers), since each block adds two of them to the stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llm_scratch.attention import KVCache, MultiHeadAttention
+from llm_scratch.embedding import TiedLMHead
+from llm_scratch.ffn import MLP
+from llm_scratch.norm import LayerNorm
+from llm_scratch.position.absolute import LearnedPositionEmbedding
+
+__all__ = ["GPT2", "GPT2Config"]
+
+# name -> (d_model, n_layers, n_heads), from the paper's Table 2 and the released checkpoints
+_PRESETS = {
+    "gpt2": (768, 12, 12),
+    "gpt2-medium": (1024, 24, 16),
+    "gpt2-large": (1280, 36, 20),
+    "gpt2-xl": (1600, 48, 25),
+}
+
+
+@dataclass
+class GPT2Config:
+    vocab_size: int = 50257
+    context_length: int = 1024
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    dropout: float = 0.0
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must divide d_model ({self.d_model})")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> GPT2Config:
+        """One of the four released sizes ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")."""
+        if name not in _PRESETS:
+            raise ValueError(f"unknown GPT-2 preset {name!r}; known: {', '.join(_PRESETS)}")
+        d_model, n_layers, n_heads = _PRESETS[name]
+        return cls(**{"d_model": d_model, "n_layers": n_layers, "n_heads": n_heads, **overrides})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        self.ln_1 = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
+        self.attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, bias=True, dropout=cfg.dropout)
+        self.ln_2 = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
+        self.mlp = MLP(cfg.d_model, 4 * cfg.d_model, activation="gelu_tanh", bias=True)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, padding_mask=None, cache=None):
+        x = x + self.dropout(self.attn(self.ln_1(x), padding_mask=padding_mask, cache=cache))
+        return x + self.dropout(self.mlp(self.ln_2(x)))
+
+
+class GPT2(nn.Module):
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = LearnedPositionEmbedding(cfg.context_length, cfg.d_model, init_std=0.02)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
+        self.lm_head = TiedLMHead(self.wte)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)  # GPT-2 section 2.3
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                std = residual_std if name.endswith(("attn.o_proj", "mlp.down_proj")) else 0.02
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+
+    def init_caches(self, batch_size: int, max_len: int) -> list[KVCache]:
+        """One empty KV cache per layer, for decoding up to max_len tokens in all."""
+        if max_len > self.cfg.context_length:
+            raise ValueError(f"max_len {max_len} exceeds the context length {self.cfg.context_length}")
+        return [block.attn.init_cache(batch_size, max_len) for block in self.blocks]
+
+    @staticmethod
+    def _positions(input_ids, padding_mask, caches) -> torch.Tensor:
+        """Position ids that count real tokens only: left padding does not shift a sequence's positions."""
+        real_before = caches[0]._padding_so_far() if caches else None  # (B, past) or None if no padding
+        if real_before is not None:
+            offset = real_before.sum(-1, keepdim=True)  # (B, 1) real tokens already in the cache
+        else:
+            offset = torch.tensor(caches[0].length if caches else 0, device=input_ids.device)
+        if padding_mask is None:
+            return offset + torch.arange(input_ids.shape[1], device=input_ids.device)
+        return (offset + padding_mask.long().cumsum(-1) - 1).clamp(min=0)  # pads reuse a real position
+
+    def forward(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                caches: list[KVCache] | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V).
+
+        padding_mask: (B, T) True for real tokens (pad on the left for generation). Positions then
+            count real tokens only, so a left-padded sequence gets the same positions as unpadded.
+        caches: from init_caches; each call appends this call's keys and values.
+        positions: (B, T) or (T,) position ids, overriding the default.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        past = caches[0].length if caches else 0
+        if past + T > self.cfg.context_length:
+            raise ValueError(f"sequence of {past + T} tokens exceeds GPT-2's context length {self.cfg.context_length}")
+        if positions is None:
+            positions = self._positions(input_ids, padding_mask, caches)
+        x = self.dropout(self.wte(input_ids) + self.wpe(positions))  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, padding_mask=padding_mask, cache=caches[i] if caches else None)
+        return self.lm_head(self.ln_f(x))  # (B, T, V)
