@@ -35,7 +35,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-__all__ = ["checkpoint_paths", "load_checkpoint", "read_checkpoint_info", "save_checkpoint"]
+__all__ = ["checkpoint_paths", "load_checkpoint", "load_tensors", "read_checkpoint_info", "save_checkpoint",
+           "save_tensors"]
 
 FORMAT_VERSION = 1
 
@@ -83,8 +84,6 @@ def save_checkpoint(
     JSON-serializable. Tensors are saved as they are (dtype kept) after moving to the CPU.
     Returns the two paths written.
     """
-    st_path, json_path = checkpoint_paths(path)
-    st_path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     tied: dict[str, str] = {}
     first_name: dict[tuple, str] = {}
@@ -94,15 +93,37 @@ def save_checkpoint(
             tied[name] = first_name[key]
             continue
         first_name[key] = name
-        tensors[name] = t.detach().to("cpu").contiguous()
-    # serialize the JSON before writing anything, so a non-serializable config fails with no file changed
+        tensors[name] = t
     record = {"format_version": FORMAT_VERSION, "config": config, "metadata": metadata or {}, "tied_weights": tied}
+    return save_tensors(path, tensors, record)
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], record: dict
+                 ) -> tuple[pathlib.Path, pathlib.Path]:
+    """The pair writer under save_checkpoint: `tensors` to `<path>.safetensors`, `record` (plus the weights'
+    SHA-256) to `<path>.json`, each atomically, the JSON last."""
+    st_path, json_path = checkpoint_paths(path)
+    st_path.parent.mkdir(parents=True, exist_ok=True)
+    # serialize the JSON before writing anything, so a non-serializable record fails with no file changed
     json.dumps(record)
+    tensors = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
     _atomic_write(st_path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    record["safetensors_sha256"] = _sha256(st_path)
+    record = {**record, "safetensors_sha256": _sha256(st_path)}
     text = json.dumps(record, indent=1) + "\n"
     _atomic_write(json_path, lambda tmp: pathlib.Path(tmp).write_text(text))
     return st_path, json_path
+
+
+def load_tensors(path: str | os.PathLike, check_hash: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, record) of a pair written by save_tensors, refusing a .safetensors that does not match its .json."""
+    st_path, _ = checkpoint_paths(path)
+    info = read_checkpoint_info(path)
+    if not st_path.exists():
+        raise FileNotFoundError(f"no checkpoint weights {st_path.name} in {st_path.parent}")
+    recorded = info.get("safetensors_sha256")
+    if check_hash and recorded is not None and recorded != _sha256(st_path):
+        raise ValueError(f"{st_path.name} does not match the SHA-256 recorded in its .json: the pair is out of sync")
+    return load_file(st_path), info
 
 
 def read_checkpoint_info(path: str | os.PathLike) -> dict:
@@ -122,13 +143,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, *, check_hash: bo
     With `check_hash`, a .safetensors whose SHA-256 differs from the one its .json recorded is refused.
     """
     st_path, _ = checkpoint_paths(path)
-    info = read_checkpoint_info(path)
-    if not st_path.exists():
-        raise FileNotFoundError(f"no checkpoint weights {st_path.name} in {st_path.parent}")
-    recorded = info.get("safetensors_sha256")
-    if check_hash and recorded is not None and recorded != _sha256(st_path):
-        raise ValueError(f"{st_path.name} does not match the SHA-256 recorded in its .json: the pair is out of sync")
-    state = load_file(st_path)
+    state, info = load_tensors(path, check_hash)
     for alias, stored in info.get("tied_weights", {}).items():
         if stored in state:
             state[alias] = state[stored]
