@@ -39,6 +39,16 @@ def _shakespeare_tokenizer(path: pathlib.Path) -> None:
     save_shakespeare_tokenizer(path)
 
 
+def _shakespeare_gpt(path: pathlib.Path) -> None:
+    from llm_scratch.training.pretrained import load_or_pretrain
+
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # as for rope_context_extension above
+        fresh = pathlib.Path(tmp) / path.name
+        load_or_pretrain(fresh, device="cpu")
+        for suffix in (".safetensors", ".json"):
+            fresh.with_name(fresh.name + suffix).replace(path.with_name(path.name + suffix))
+
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # name -> (path stem relative to the repository, builder, the suffixes it writes), in dependency order
@@ -46,6 +56,7 @@ ARTIFACTS: dict[str, tuple[str, Callable[[pathlib.Path], None], tuple[str, ...]]
     "shakespeare_tokenizer": ("data/tokenizers/shakespeare", _shakespeare_tokenizer, (".tiktoken", ".json")),
     "rope_context_extension": ("data/checkpoints/rope_context_extension", _rope_context_extension,
                                (".safetensors", ".json")),
+    "shakespeare_gpt": ("data/checkpoints/shakespeare_gpt", _shakespeare_gpt, (".safetensors", ".json")),
 }
 
 

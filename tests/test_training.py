@@ -119,3 +119,21 @@ def test_resumable_batches_order_depends_only_on_seed_and_epoch():
     c.load_state_dict({"epoch": 2, "index": 3})
     assert torch.equal(next(c)[0], first[2 * (len(data) // 4) + 3])
     assert not torch.equal(next(ResumableBatches(data, 4, seed=4))[0], first[0])
+
+
+def test_committed_shakespeare_gpt_loads_strictly_and_still_predicts():
+    """The model later chapters start from: strict keys (a changed GPT2 fails here) and a held-out loss far
+    below chance (ln 4099 = 8.32), near the 5.63 recorded when it was trained."""
+    from llm_scratch.checkpoint import checkpoint_paths
+    from llm_scratch.training.pretrained import SHAKESPEARE_GPT, load_or_pretrain, shakespeare_gpt_data
+
+    st_path, json_path = checkpoint_paths(SHAKESPEARE_GPT)
+    assert st_path.exists() and json_path.exists(), "run `make artifacts` to build it"
+    assert st_path.stat().st_size < 8_000_000
+    model, info = load_or_pretrain(device="cpu")
+    assert {"seed", "steps", "data", "loss_log"} <= set(info["metadata"])
+    _, val = shakespeare_gpt_data()
+    x, y = (torch.stack(t) for t in zip(*(val[i] for i in range(8)), strict=True))
+    with torch.no_grad():
+        loss = cross_entropy_loss(model(x), y).item()
+    assert loss < 6.0, loss

@@ -120,7 +120,64 @@ def bench_bpe(device: torch.device, quick: bool) -> None:
         print(f"{name:>12} {speeds[0]:>8.2f} {speeds[1]:>9.2f} {speeds[1] / speeds[0]:>6.1f}x")
 
 
-BENCHMARKS = [bench_sdpa_paths, bench_kv_cache_decode, bench_bpe]
+def bench_gpt2(device: torch.device, quick: bool) -> None:
+    """Training tokens/s of our GPT-2 vs transformers' GPT2LMHeadModel on the same config and batch, and
+    greedy decode tokens/s with our KV cache vs transformers' generate."""
+    from transformers import GPT2Config as HFConfig
+    from transformers import GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    from llm_scratch.generation import generate
+    from llm_scratch.models import GPT2, GPT2Config
+    from llm_scratch.training import cross_entropy_loss
+
+    hf_logging.set_verbosity_error()
+    d, layers, heads, vocab, ctx = (128, 2, 4, 4099, 128) if quick else (256, 4, 4, 4099, 256)
+    hf_cfg = HFConfig(n_embd=d, n_layer=layers, n_head=heads, vocab_size=vocab, n_positions=ctx, resid_pdrop=0.0,
+                      embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
+    ours = GPT2(GPT2Config(vocab_size=vocab, context_length=ctx, d_model=d, n_layers=layers, n_heads=heads)).to(device)
+    theirs = GPT2LMHeadModel(hf_cfg).to(device)
+    B = 8
+    x = torch.randint(0, vocab, (B, ctx), device=device)
+    y = torch.randint(0, vocab, (B, ctx), device=device)
+
+    def step(model, hf: bool):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def run():
+            logits = model(x).logits if hf else model(x)
+            cross_entropy_loss(logits, y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return run
+
+    print(f"\nGPT-2 training step, d={d} L={layers} H={heads} V={vocab}, batch {B}x{ctx} fp32 (tokens/s, median)")
+    rates = []
+    for name, model, hf in (("ours", ours, False), ("transformers", theirs, True)):
+        model.train()
+        ms = timeit(step(model, hf), device, 3 if quick else 10)
+        rates.append(B * ctx / ms * 1e3)
+        print(f"{name:>14} {rates[-1]:>12,.0f}")
+    print(f"{'ours / theirs':>14} {rates[0] / rates[1]:>12.2f}")
+
+    ours.eval()
+    theirs.eval()
+    prompt = torch.randint(0, vocab, (1, 16), device=device)
+    new = 32 if quick else 200
+    print(f"\ngreedy decoding, batch 1, prompt 16, {new} new tokens (tokens/s, median)")
+    decode = [
+        ("ours, KV cache", lambda: generate(ours, prompt, new)),
+        ("ours, no cache", lambda: generate(ours, prompt, new, use_cache=False)),
+        ("transformers", lambda: theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
+                                                 min_new_tokens=new, do_sample=False, pad_token_id=0)),
+    ]
+    for name, fn in decode:
+        with torch.no_grad():
+            ms = timeit(fn, device, 2 if quick else 5)
+        print(f"{name:>16} {new / ms * 1e3:>10,.0f}")
+
+
+BENCHMARKS = [bench_sdpa_paths, bench_kv_cache_decode, bench_bpe, bench_gpt2]
 
 
 def main() -> None:
