@@ -36,6 +36,12 @@ def test_layernorm_matches_torch(bias):
     _randomize(ours, theirs)
     x = torch.randn(4, 7, C) * 3 + 2  # a non-zero mean, so forgetting to subtract it would show
     torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=0)
+    # the paper's formula written out (biased variance, ε inside the root), in float64
+    x64, w, b = x.double(), ours.weight.double(), (ours.bias.double() if bias else 0.0)
+    mean, var = x64.mean(-1, keepdim=True), x64.var(-1, unbiased=False, keepdim=True)
+    explicit = (x64 - mean) / torch.sqrt(var + 1e-5) * w + b
+    torch.testing.assert_close(ours.double()(x64), explicit, atol=1e-12, rtol=0)
+    ours.float()
     assert (ours.bias is None) == (not bias) and sum(p.numel() for p in ours.parameters()) == C * (1 + bias)
     # bf16 in, bf16 out, statistics in float32: equal to the float32 result rounded once
     xb = x.bfloat16()
