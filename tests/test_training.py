@@ -2,6 +2,8 @@
 correctly, schedules the learning rate as documented and decays only what it should."""
 
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -137,3 +139,12 @@ def test_committed_shakespeare_gpt_loads_strictly_and_still_predicts():
     with torch.no_grad():
         loss = cross_entropy_loss(model(x), y).item()
     assert loss < 6.0, loss
+
+
+def test_bf16_autocast_step_runs_and_keeps_fp32_weights():
+    cfg = TrainConfig(max_steps=2, batch_size=4, lr=1e-3, precision="bf16", eval_every=0, eval_batches=1,
+                      progress=False)
+    trainer = Trainer(_model(), _data(), _data(600, seed=1), cfg, device="cpu")
+    history = trainer.train()
+    assert all(math.isfinite(v) for v in history.train_loss + history.val_loss)
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
