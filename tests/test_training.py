@@ -64,8 +64,26 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
         assert torch.equal(a, b), name
 
 
-def test_gradient_accumulation_equals_one_large_batch():
+class _Masked(torch.utils.data.Dataset):
+    """Windows whose targets are partly ignore_index, a different number in each (as in fine-tuning)."""
+
+    def __init__(self, windows):
+        self.windows = windows
+
+    def __len__(self):
+        return len(self.windows)
+
+    def __getitem__(self, i):
+        x, y = self.windows[i]
+        y = y.clone()
+        y[: 3 * i] = IGNORE_INDEX
+        return x, y
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_gradient_accumulation_equals_one_large_batch(masked):
     data = TokenWindows(torch.randint(0, 64, (4 * 16 + 1,)).numpy(), 16)  # 4 windows: one epoch = one batch of 4
+    data = _Masked(data) if masked else data
     results = []
     for batch_size, accum in ((4, 1), (2, 2)):
         model = GPT2(GPT2Config(vocab_size=64, context_length=32, d_model=32, n_layers=2, n_heads=4))

@@ -6,8 +6,9 @@ checkpoints that resume exactly.
     trainer.save("data/cache/run")     # model, optimizer, RNG and data position
     Trainer.resume("data/cache/run", model, train_data, val_data).train()   # continues bit for bit
 
-One optimizer step = `grad_accum_steps` micro-batches of `batch_size` windows, each loss divided by
-the number of micro-batches, so the gradient equals that of one batch of batch_size x grad_accum_steps.
+One optimizer step = `grad_accum_steps` micro-batches of `batch_size` windows, each micro-batch's mean
+loss weighted by its share of the step's targets, so the gradient equals that of one batch of
+batch_size x grad_accum_steps (also when ignore_index masks a different number of targets in each).
 
 Data comes from `ResumableBatches`, a shuffled pass over a dataset per epoch whose order depends only
 on (seed, epoch): its position is two integers, so a resumed run sees exactly the batches the
@@ -178,20 +179,25 @@ class Trainer:
         return sum(losses) / len(losses)
 
     def train_step(self) -> float:
-        """One optimizer step (grad_accum_steps micro-batches); returns the mean micro-batch loss."""
+        """One optimizer step (grad_accum_steps micro-batches); returns the step's mean loss per target."""
         cfg = self.cfg
         lr = lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
+        micro = [next(self.train_batches) for _ in range(cfg.grad_accum_steps)]
+        counts = [count_targets(y) for _, y in micro]
+        total_targets = max(sum(counts), 1)
         total = 0.0
-        for _ in range(cfg.grad_accum_steps):
-            x, y = (t.to(self.device) for t in next(self.train_batches))
+        for (x, y), n in zip(micro, counts, strict=True):
+            x, y = x.to(self.device), y.to(self.device)
             with self._autocast():
-                loss = self.loss_fn(self.forward(x), y)
-            (loss / cfg.grad_accum_steps).backward()  # gradients add up across micro-batches
-            total += loss.item()
-            self.tokens_seen += count_targets(y)
+                loss = self.loss_fn(self.forward(x), y)  # mean over this micro-batch's n targets
+            # weight by n / all targets, so the summed gradient is the mean over every target of the step,
+            # exactly the big batch's, even when ignore_index leaves micro-batches with different counts
+            (loss * (n / total_targets)).backward()
+            total += loss.item() * n / total_targets
+            self.tokens_seen += n
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
