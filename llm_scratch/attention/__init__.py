@@ -1,7 +1,7 @@
 """Attention: scaled dot-product attention and its masks, MHA, GQA/MQA, MLA, and KV caches."""
 
 from llm_scratch.attention.gqa import GroupedQueryAttention
-from llm_scratch.attention.kv_cache import KVCache, MLACache
+from llm_scratch.attention.kv_cache import KVCache, MLACache, SlidingWindowKVCache, next_positions
 from llm_scratch.attention.mha import MultiHeadAttention, load_from_torch
 from llm_scratch.attention.mla import MLAConfig, MultiHeadLatentAttention
 from llm_scratch.attention.sdpa import (
@@ -25,4 +25,6 @@ __all__ = [
     "padding_to_attn_mask",
     "scaled_dot_product_attention",
     "sliding_window_mask",
+    "SlidingWindowKVCache",
+    "next_positions",
 ]

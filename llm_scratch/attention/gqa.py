@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llm_scratch.attention.kv_cache import KVCache
+from llm_scratch.attention.kv_cache import KVCache, SlidingWindowKVCache
 from llm_scratch.attention.sdpa import scaled_dot_product_attention
 from llm_scratch.position.rope import RotaryEmbedding
 
@@ -32,6 +32,10 @@ class GroupedQueryAttention(nn.Module):
         causal: decoder (True) or bidirectional encoder (False) attention.
         window: sliding-window size (keys each query sees, itself included); implies causal.
         rope: a RotaryEmbedding for D channels applied to q and k, or None.
+        scale: the score scale; None means 1/√D (Gemma uses query_pre_attn_scalar^-1/2 instead).
+        softcap: soft-cap the scores at ±softcap (Gemma 2), or None.
+
+    Subclasses change how q, k, v are made by overriding `project` (Qwen3's QK-norm does).
     """
 
     def __init__(
@@ -45,6 +49,8 @@ class GroupedQueryAttention(nn.Module):
         causal: bool = True,
         window: int | None = None,
         rope: RotaryEmbedding | None = None,
+        scale: float | None = None,
+        softcap: float | None = None,
     ):
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
@@ -62,8 +68,12 @@ class GroupedQueryAttention(nn.Module):
             raise ValueError(f"rope covers {rope.head_dim} channels but head_dim is {head_dim}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        for name, value in (("scale", scale), ("softcap", softcap)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be None or > 0, got {value!r}")
         self.d_model, self.n_heads, self.n_kv_heads, self.head_dim = d_model, n_heads, n_kv_heads, head_dim
         self.dropout, self.causal, self.window, self.rope = dropout, causal, window, rope
+        self.scale, self.softcap = scale, softcap
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
@@ -71,11 +81,44 @@ class GroupedQueryAttention(nn.Module):
 
     def init_cache(
         self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device: torch.device | None = None
-    ) -> KVCache:
-        """An empty KV cache shaped for this layer (dtype and device default to the weights')."""
+    ) -> KVCache | SlidingWindowKVCache:
+        """An empty KV cache shaped for this layer (dtype and device default to the weights'); a
+        sliding-window layer gets a cache that keeps only the last window - 1 tokens."""
         w = self.k_proj.weight
-        return KVCache(batch_size, max_len, self.n_kv_heads, self.head_dim,
-                       dtype=dtype or w.dtype, device=device or w.device)
+        dtype, device = dtype or w.dtype, device or w.device
+        if self.window is not None:
+            return SlidingWindowKVCache(batch_size, max_len, self.n_kv_heads, self.head_dim, self.window,
+                                        dtype=dtype, device=device)
+        return KVCache(batch_size, max_len, self.n_kv_heads, self.head_dim, dtype=dtype, device=device)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> q (B, H, T, D), k and v (B, K, T, D), before RoPE."""
+        B, T, _ = x.shape
+        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, K, D).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, K, D).transpose(1, 2)
+        return q, k, v
+
+    def _rotate(self, q, k, positions, start: int):
+        if self.rope is None:
+            return q, k
+        if positions is None:
+            positions = torch.arange(start, start + q.shape[2], device=q.device)
+        return self.rope(q, positions), self.rope(k, positions)
+
+    @torch.no_grad()
+    def attention_scores(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The pre-softmax scores q·kᵀ·scale (soft-capped if set), before any mask: (B, H, T, T).
+
+        For looking inside (e.g. how large attention logits grow during training), not for the forward pass.
+        """
+        q, k, _ = self.project(x)
+        q, k = self._rotate(q, k, positions, 0)
+        k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # query head h reads kv head h // G
+        scale = self.head_dim ** -0.5 if self.scale is None else self.scale
+        scores = (q @ k.transpose(-2, -1)) * scale
+        return scores if self.softcap is None else self.softcap * torch.tanh(scores / self.softcap)
 
     def forward(
         self,
@@ -98,14 +141,8 @@ class GroupedQueryAttention(nn.Module):
             raise ValueError(f"x must have shape (B, T, {self.d_model}), got {tuple(x.shape)}")
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-        v = self.v_proj(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-        if self.rope is not None:
-            if positions is None:
-                start = cache.length if cache is not None else 0
-                positions = torch.arange(start, start + T, device=x.device)
-            q, k = self.rope(q, positions), self.rope(k, positions)
+        q, k, v = self.project(x)  # (B, H, T, D), (B, K, T, D), (B, K, T, D)
+        q, k = self._rotate(q, k, positions, cache.length if cache is not None else 0)
         if cache is not None:
             k, v, padding_mask = cache.update(k, v, padding_mask)
         out = scaled_dot_product_attention(
@@ -115,11 +152,15 @@ class GroupedQueryAttention(nn.Module):
             enable_gqa=K != H,
             padding_mask=padding_mask,
             window=self.window,
+            scale=self.scale,
+            softcap=self.softcap,
             naive=naive,
         )  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
 
     def extra_repr(self) -> str:
         extra = f", window={self.window}" if self.window is not None else ""
+        extra += f", scale={self.scale}" if self.scale is not None else ""
+        extra += f", softcap={self.softcap}" if self.softcap is not None else ""
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
                 f"head_dim={self.head_dim}, causal={self.causal}{extra}")

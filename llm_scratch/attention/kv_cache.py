@@ -6,18 +6,22 @@ serves one attention layer and is preallocated for `max_len` tokens (a "static" 
 allocation, fixed shapes), and grows a `length` counter as tokens are appended.
 
 - `KVCache`: keys and values per kv head, for MHA / GQA / MQA: 2·K·D numbers per token.
+- `SlidingWindowKVCache`: the same keys and values for a sliding-window layer (Mistral, Gemma 2/3),
+  keeping only the last `window - 1` tokens: all that the layer's next query can see besides its own.
+  Its memory is fixed by the window, not by the length of the text.
 - `MLACache`: multi-head latent attention's compressed latent c_KV and its shared RoPE key:
   (d_c + d_R) numbers per token, whatever the number of heads (DeepSeek-V2, section 2.1).
 
-Both also remember the padding mask of the tokens they hold, so a caller passes `padding_mask`
-for its new tokens only. `bytes_per_token()` is measured from the allocated tensors.
+All remember the padding mask of the tokens they hold, so a caller passes `padding_mask` for its
+new tokens only, and count the real tokens of each row (`real_lengths`), from which a model gets
+the positions of the next tokens (`next_positions`). `nbytes` is measured from the allocated tensors.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["KVCache", "MLACache"]
+__all__ = ["KVCache", "MLACache", "SlidingWindowKVCache", "next_positions"]
 
 
 class _LayerCache:
@@ -55,6 +59,10 @@ class _LayerCache:
     def _padding_so_far(self) -> torch.Tensor | None:
         """(B, length) padding mask of every stored token, or None if none of them is padding."""
         return self.padding[:, : self.length] if self._has_padding else None
+
+    def real_lengths(self) -> torch.Tensor | None:
+        """(B,) how many real (non-padding) tokens each row has appended, or None if none was padding."""
+        return self.padding[:, : self.length].sum(-1) if self._has_padding else None
 
     def reset(self) -> None:
         """Forget every stored token (the buffers are kept for reuse)."""
@@ -120,6 +128,132 @@ class KVCache(_LayerCache):
         self.v[:, :, span] = v
         self.length = span.stop
         return self.k[:, :, : self.length], self.v[:, :, : self.length], self._padding_so_far()
+
+
+class SlidingWindowKVCache:
+    """Keys and values of a sliding-window attention layer, keeping only the last `window - 1` tokens.
+
+    A query at position i sees keys i - window + 1 .. i, so once the new tokens' keys are appended,
+    everything older than the last window - 1 tokens can never be read again. `update` returns the
+    kept tokens followed by the new ones (the layer masks them with the same lower-right aligned
+    sliding-window mask as without a cache), then keeps the last window - 1 of them. The buffers
+    hold (B, K, window - 1, D) whatever `max_len` is: that is the whole saving.
+
+    `max_len` still bounds the total number of tokens appended, as for `KVCache`; `length` counts them.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        max_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        window: int,
+        v_head_dim: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | None = None,
+    ):
+        if batch_size < 1 or max_len < 1:
+            raise ValueError(f"batch_size and max_len must be >= 1, got {batch_size} and {max_len}")
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be a positive int (keys each query sees, itself included), got {window!r}")
+        v_head_dim = head_dim if v_head_dim is None else v_head_dim
+        self.batch_size, self.max_len, self.window, self.length = batch_size, max_len, window, 0
+        self.capacity = min(window - 1, max_len)  # older tokens are out of every future query's window
+        self.stored = 0  # tokens in the buffers: min(length, capacity)
+        self.k = torch.zeros(batch_size, n_kv_heads, self.capacity, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(batch_size, n_kv_heads, self.capacity, v_head_dim, dtype=dtype, device=device)
+        self.padding = torch.ones(batch_size, self.capacity, dtype=torch.bool, device=device)  # of stored tokens
+        self._real = torch.zeros(batch_size, dtype=torch.long, device=device)  # real tokens appended per row
+        self._has_padding = False
+
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, padding_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Append k (B, K, T, D) and v (B, K, T, Dv); return the kept tokens then the new ones."""
+        if (k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3] or k.shape[1] != self.k.shape[1]
+                or k.shape[3] != self.k.shape[3] or v.shape[3] != self.v.shape[3]):
+            raise ValueError(
+                f"the cache stores (K={self.k.shape[1]}, D={self.k.shape[3]}, Dv={self.v.shape[3]}) and k, v "
+                f"must agree on (B, K, T); got k {tuple(k.shape)} and v {tuple(v.shape)}"
+            )
+        if k.dtype != self.k.dtype or v.dtype != self.v.dtype:
+            raise ValueError(f"the cache stores {self.k.dtype}, got k of dtype {k.dtype} and v of dtype {v.dtype}")
+        B, _, T, _ = k.shape
+        if B != self.batch_size:
+            raise ValueError(f"the cache holds batch_size={self.batch_size}, the update has {B}")
+        if self.length + T > self.max_len:
+            raise ValueError(f"the cache takes max_len={self.max_len} tokens; {self.length} were appended and "
+                             f"{T} more would exceed it")
+        if padding_mask is not None:
+            if padding_mask.shape != (B, T) or padding_mask.dtype != torch.bool:
+                raise ValueError(f"padding_mask must be bool of shape (B, T_new) = ({B}, {T}), "
+                                 f"got {padding_mask.dtype} {tuple(padding_mask.shape)}")
+            self._has_padding = self._has_padding or not bool(padding_mask.all())
+            self._real += padding_mask.sum(-1)
+        else:
+            padding_mask = torch.ones(B, T, dtype=torch.bool, device=self.padding.device)
+            self._real += T
+        s = self.stored
+        keys = torch.cat([self.k[:, :, :s], k], dim=2)  # (B, K, s + T, D): the kept past, then the new
+        values = torch.cat([self.v[:, :, :s], v], dim=2)
+        padding = torch.cat([self.padding[:, :s], padding_mask], dim=1)  # (B, s + T)
+        n = min(self.capacity, s + T)  # keep the last n of them for the next call
+        self.k[:, :, :n] = keys[:, :, s + T - n:]
+        self.v[:, :, :n] = values[:, :, s + T - n:]
+        self.padding[:, :n] = padding[:, s + T - n:]
+        self.stored, self.length = n, self.length + T
+        return keys, values, (padding if self._has_padding else None)
+
+    def real_lengths(self) -> torch.Tensor | None:
+        """(B,) how many real (non-padding) tokens each row has appended, or None if none was padding."""
+        return self._real.clone() if self._has_padding else None
+
+    def reset(self) -> None:
+        """Forget every token (the buffers are kept for reuse)."""
+        self.length = self.stored = 0
+        self.padding.fill_(True)
+        self._real.zero_()
+        self._has_padding = False
+
+    def truncate(self, length: int) -> None:
+        """Only `reset` (length 0) or keeping everything: older tokens needed after a rollback are gone."""
+        if length == self.length:
+            return
+        if length != 0:
+            raise ValueError(f"a sliding-window cache cannot roll back from {self.length} to {length} tokens: it "
+                             "has discarded the keys a rolled-back query would need; only truncate(0) is allowed")
+        self.reset()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated for the cached keys and values (the padding bookkeeping is not counted)."""
+        return sum(t.nelement() * t.element_size() for t in (self.k, self.v))
+
+    def __repr__(self) -> str:
+        return (f"SlidingWindowKVCache(length={self.length}, window={self.window}, stored={self.stored}, "
+                f"k={tuple(self.k.shape)}, v={tuple(self.v.shape)})")
+
+
+def next_positions(caches, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Position ids of the new tokens input_ids (B, T), given what `caches` (one per layer, or None) hold.
+
+    Positions count real tokens only, so a left-padded row gets the same positions as without its
+    padding: (real tokens already cached) + (running count of real new tokens) - 1. A pad token takes
+    the position of the real token after it (clamped at 0); it is masked out anyway.
+    Returns (T,) when nothing is padded, else (B, T).
+    """
+    B, T = input_ids.shape
+    device = input_ids.device
+    cache = caches[0] if caches else None
+    real_before = cache.real_lengths() if cache is not None else None  # (B,) or None when no padding
+    if real_before is not None:
+        offset = real_before.to(device)[:, None]  # (B, 1)
+    else:
+        offset = torch.tensor(cache.length if cache is not None else 0, device=device)
+    if padding_mask is None:
+        return offset + torch.arange(T, device=device)
+    return (offset + padding_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class MLACache(_LayerCache):

@@ -132,6 +132,7 @@ def scaled_dot_product_attention(
     *,
     padding_mask: torch.Tensor | None = None,
     window: int | None = None,
+    softcap: float | None = None,
     naive: bool = False,
 ) -> torch.Tensor:
     """softmax(q kᵀ · scale + mask) v over the last two dimensions.
@@ -146,6 +147,9 @@ def scaled_dot_product_attention(
     scale: defaults to 1/√D.
     padding_mask: (B, Tk), True = real key.
     window: sliding-window size (implies causal).
+    softcap: soft-cap the scores before masking, s -> softcap · tanh(s / softcap), so none exceeds
+        ±softcap (Gemma 2, Gemma Team 2024, arXiv:2408.00118, section 2.2). The fused kernel has no
+        such option, so this always takes the explicit path.
     naive: compute the equation explicitly instead of calling the fused kernel.
     """
     _check_qkv(q, k, v, enable_gqa)
@@ -153,6 +157,8 @@ def scaled_dot_product_attention(
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if scale is not None and not scale > 0:
         raise ValueError(f"scale must be positive, got {scale}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be None or > 0, got {softcap}")
     B, H, Tq, D = q.shape
     Tk = k.shape[-2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -160,7 +166,7 @@ def scaled_dot_product_attention(
         Tq, Tk, attn_mask=attn_mask, is_causal=is_causal, padding_mask=padding_mask, window=window,
         batch_size=B, n_heads=H, device=q.device,
     )
-    if not naive:
+    if not naive and softcap is None:
         # Plain square causal attention: let the kernel build the mask itself (it is then free to
         # pick a FlashAttention backend, which takes no explicit mask).
         plain_causal = is_causal and Tq == Tk and window is None and attn_mask is None and padding_mask is None
@@ -177,6 +183,8 @@ def scaled_dot_product_attention(
     G = H // K
     qg = q.view(B, K, G, Tq, D)
     scores = (qg @ k[:, :, None].transpose(-2, -1)) * scale  # (B, K, G, Tq, Tk)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     if mask is not None:
         mask = _group_heads(mask, K, G)
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask

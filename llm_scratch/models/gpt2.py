@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from llm_scratch.attention import KVCache, MultiHeadAttention
+from llm_scratch.attention import KVCache, MultiHeadAttention, next_positions
 from llm_scratch.embedding import TiedLMHead
 from llm_scratch.ffn import MLP
 from llm_scratch.norm import LayerNorm
@@ -112,18 +112,6 @@ class GPT2(nn.Module):
             raise ValueError(f"max_len {max_len} exceeds the context length {self.cfg.context_length}")
         return [block.attn.init_cache(batch_size, max_len) for block in self.blocks]
 
-    @staticmethod
-    def _positions(input_ids, padding_mask, caches) -> torch.Tensor:
-        """Position ids that count real tokens only: left padding does not shift a sequence's positions."""
-        real_before = caches[0]._padding_so_far() if caches else None  # (B, past) or None if no padding
-        if real_before is not None:
-            offset = real_before.sum(-1, keepdim=True)  # (B, 1) real tokens already in the cache
-        else:
-            offset = torch.tensor(caches[0].length if caches else 0, device=input_ids.device)
-        if padding_mask is None:
-            return offset + torch.arange(input_ids.shape[1], device=input_ids.device)
-        return (offset + padding_mask.long().cumsum(-1) - 1).clamp(min=0)  # pads reuse a real position
-
     def forward(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None,
                 caches: list[KVCache] | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V).
@@ -140,7 +128,7 @@ class GPT2(nn.Module):
         if past + T > self.cfg.context_length:
             raise ValueError(f"sequence of {past + T} tokens exceeds GPT-2's context length {self.cfg.context_length}")
         if positions is None:
-            positions = self._positions(input_ids, padding_mask, caches)
+            positions = next_positions(caches, input_ids, padding_mask)  # real tokens only: padding shifts nothing
         x = self.dropout(self.wte(input_ids) + self.wpe(positions))  # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, padding_mask=padding_mask, cache=caches[i] if caches else None)

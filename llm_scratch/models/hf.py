@@ -10,6 +10,7 @@ over is an error that lists it. `transformers` is never imported.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -20,7 +21,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from llm_scratch.models.gemma3 import Gemma3, Gemma3Config
 from llm_scratch.models.gpt2 import GPT2, GPT2Config
+from llm_scratch.models.llama3 import Llama3, Llama3Config
+from llm_scratch.models.qwen3 import Qwen3, Qwen3Config
+from llm_scratch.position.rope import RopeScaling
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "load_hf_checkpoint", "read_hf_state_dict"]
 
@@ -92,16 +97,126 @@ def _gpt2_weights(state: dict[str, torch.Tensor], cfg: GPT2Config) -> dict[str, 
     return out
 
 
+# --- Llama 3, Qwen3, Gemma 3: one naming scheme ---------------------------------------------------
+
+
+def _rope(hf: dict, params: dict | None, default_theta: float) -> tuple[float, dict | None]:
+    """(base, scaling dict or None) from a `rope_parameters` dict (transformers 5) or the older top-level
+    rope_theta + rope_scaling; missing lengths are filled in from max_position_embeddings as HF does."""
+    if params is None:
+        params = {"rope_theta": hf.get("rope_theta", default_theta), **(hf.get("rope_scaling") or {})}
+    theta = params.get("rope_theta", hf.get("rope_theta", default_theta))
+    scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    if scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        return float(theta), None
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("partial_rotary_factor != 1 is not supported")
+    full = dataclasses.asdict(RopeScaling.from_dict(scaling, hf.get("max_position_embeddings")))
+    return float(theta), full
+
+
+def _check_unsupported(hf: dict, **expected) -> None:
+    """Raise if the config sets an option our model does not implement (key: value we require)."""
+    for key, allowed in expected.items():
+        value = hf.get(key, allowed[0])
+        if value not in allowed:
+            raise ValueError(f"{hf.get('model_type')} config has {key}={value!r}; only {allowed} is supported")
+
+
+def _llama_family_sizes(hf: dict) -> dict:
+    return dict(vocab_size=hf["vocab_size"], context_length=hf["max_position_embeddings"], d_model=hf["hidden_size"],
+                n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
+                n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"], head_dim=hf.get("head_dim"),
+                ffn_hidden=hf["intermediate_size"], norm_eps=hf["rms_norm_eps"])
+
+
+def _llama_config(hf: dict) -> Llama3Config:
+    _check_unsupported(hf, attention_bias=(False,), mlp_bias=(False,), hidden_act=("silu",))
+    base, scaling = _rope(hf, hf.get("rope_parameters"), 10000.0)
+    return Llama3Config(**_llama_family_sizes(hf), rope_base=base, rope_scaling=scaling,
+                        tie_embeddings=hf.get("tie_word_embeddings", False))
+
+
+def _qwen3_config(hf: dict) -> Qwen3Config:
+    _check_unsupported(hf, attention_bias=(False,), hidden_act=("silu",), use_sliding_window=(False,))
+    base, scaling = _rope(hf, hf.get("rope_parameters"), 10000.0)
+    return Qwen3Config(**_llama_family_sizes(hf), rope_base=base, rope_scaling=scaling,
+                       tie_embeddings=hf.get("tie_word_embeddings", True))
+
+
+def _gemma3_config(hf: dict) -> Gemma3Config:
+    _check_unsupported(hf, attention_bias=(False,), hidden_activation=("gelu_pytorch_tanh",),
+                       use_bidirectional_attention=(False, None), tie_word_embeddings=(True,))
+    if hf.get("attn_logit_softcapping") is not None:
+        # transformers' Gemma 3 stores this field but never applies it (Gemma 2's attention does); ours would
+        raise ValueError("attn_logit_softcapping is set, but Hugging Face's Gemma 3 ignores it: the checkpoint's "
+                         "intended behaviour is ambiguous (released Gemma 3 configs have it null)")
+    params = hf.get("rope_parameters")
+    if params is not None and "full_attention" in params:  # transformers 5: one dict per layer type
+        base, scaling = _rope(hf, params["full_attention"], 1_000_000.0)
+        local_base, local_scaling = _rope(hf, params["sliding_attention"], 10_000.0)
+        if local_scaling is not None:
+            raise ValueError("scaled RoPE on the sliding-window layers is not supported")
+    else:
+        base, scaling = _rope(hf, params, 1_000_000.0)
+        local_base = hf.get("rope_local_base_freq", 10_000.0)
+    return Gemma3Config(**_llama_family_sizes(hf), rope_base=base, rope_scaling=scaling, rope_local_base=local_base,
+                        sliding_window=hf["sliding_window"], layer_types=hf.get("layer_types"),
+                        sliding_window_pattern=hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6)),
+                        query_pre_attn_scalar=hf["query_pre_attn_scalar"],
+                        final_logit_softcap=hf.get("final_logit_softcapping"))
+
+
+# HF's per-layer module names -> ours; Llama and Qwen3 have one norm before each sublayer, Gemma 3 four
+_LLAMA_LAYER_NAMES = {"self_attn.": "attn.", "mlp.": "mlp.", "input_layernorm.": "attn_norm.",
+                      "post_attention_layernorm.": "mlp_norm."}
+_GEMMA_LAYER_NAMES = {"self_attn.": "attn.", "mlp.": "mlp.", "input_layernorm.": "attn_norm.",
+                      "post_attention_layernorm.": "post_attn_norm.", "pre_feedforward_layernorm.": "mlp_norm.",
+                      "post_feedforward_layernorm.": "post_mlp_norm."}
+
+
+def _llama_family_weights(layer_names: dict[str, str]) -> Callable:
+    def convert(state: dict[str, torch.Tensor], cfg: Llama3Config) -> dict[str, torch.Tensor]:
+        """model.embed_tokens / model.layers.i.* / model.norm / lm_head -> embed / blocks.i.* / norm / lm_head.
+        The layouts agree (nn.Linear on both sides, RoPE in the "half" layout): only names change."""
+        out: dict[str, torch.Tensor] = {}
+        for key, value in state.items():
+            if key == "lm_head.weight" and cfg.tie_embeddings:
+                if not torch.equal(value, state["model.embed_tokens.weight"]):
+                    raise ValueError("lm_head.weight differs from the embedding but the config ties them")
+                continue
+            m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", key)
+            if m is None:
+                out[{"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight"}.get(key, key)] \
+                    = value
+                continue
+            layer, rest = m.groups()
+            for theirs, ours in layer_names.items():
+                if rest.startswith(theirs):
+                    rest = ours + rest[len(theirs):]
+                    break
+            out[f"blocks.{layer}.{rest}"] = value
+        return out
+    return convert
+
+
 # model_type -> (config translator, weight mapper, model class)
 _ARCHITECTURES: dict[str, tuple[Callable, Callable, type[nn.Module]]] = {
     "gpt2": (_gpt2_config, _gpt2_weights, GPT2),
+    "llama": (_llama_config, _llama_family_weights(_LLAMA_LAYER_NAMES), Llama3),
+    "qwen3": (_qwen3_config, _llama_family_weights(_LLAMA_LAYER_NAMES), Qwen3),
+    "gemma3_text": (_gemma3_config, _llama_family_weights(_GEMMA_LAYER_NAMES), Gemma3),
 }
 SUPPORTED_MODEL_TYPES = tuple(_ARCHITECTURES)
 
 
 def load_hf_checkpoint(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                       device: torch.device | str = "cpu") -> nn.Module:
-    """Our model with the weights of a Hugging Face checkpoint folder, in eval mode."""
+                       device: torch.device | str = "cpu", model_class: type[nn.Module] | None = None) -> nn.Module:
+    """Our model with the weights of a Hugging Face checkpoint folder, in eval mode.
+
+    model_class: if given, the checkpoint must be of exactly that architecture (loading a Qwen3 folder
+        with model_class=Llama3 is an error, not a Llama without QK-norm).
+    """
     folder = pathlib.Path(folder)
     config_path = folder / "config.json"
     if not config_path.exists():
@@ -110,17 +225,20 @@ def load_hf_checkpoint(folder: str | os.PathLike, dtype: torch.dtype = torch.flo
     model_type = hf_config.get("model_type")
     if model_type not in _ARCHITECTURES:
         raise ValueError(f"model_type {model_type!r} is not supported; supported: {', '.join(_ARCHITECTURES)}")
-    to_config, to_weights, model_class = _ARCHITECTURES[model_type]
+    to_config, to_weights, found_class = _ARCHITECTURES[model_type]
+    if model_class is not None and model_class is not found_class:
+        raise ValueError(f"{folder} holds a {model_type!r} checkpoint, which loads as {found_class.__name__}, "
+                         f"not {model_class.__name__}")
     cfg = to_config(hf_config)
     with torch.device("meta"):
-        model = model_class(cfg)
+        model = found_class(cfg)
     weights = to_weights(read_hf_state_dict(folder), cfg)
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     shapes = sorted(f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(expected[k].shape)}"
                     for k in set(expected) & set(weights) if weights[k].shape != expected[k].shape)
     if missing or unexpected or shapes:
-        raise ValueError(f"{folder} does not fit {model_class.__name__}:"
+        raise ValueError(f"{folder} does not fit {found_class.__name__}:"
                          + (f"\n  missing keys ({len(missing)}): {', '.join(missing)}" if missing else "")
                          + (f"\n  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}" if unexpected else "")
                          + (f"\n  shape mismatches: {'; '.join(shapes)}" if shapes else ""))

@@ -305,7 +305,10 @@ class RotaryEmbedding(nn.Module):
     ):
         super().__init__()
         self.head_dim, self.base, self.interleaved, self.scaling = head_dim, base, interleaved, scaling
-        inv_freq, self.attention_factor = rope_frequencies(head_dim, base, scaling)
+        # computed on the CPU even inside `with torch.device("meta")`: a model built on meta and then filled
+        # with load_state_dict(assign=True) never gets values for non-persistent buffers like this one
+        with torch.device("cpu"):
+            inv_freq, self.attention_factor = rope_frequencies(head_dim, base, scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         # the tables are built from this float32 copy: `module.to(torch.bfloat16)` casts buffers, and
         # bf16 frequencies would put errors of ~m·2^-8 radians into the angles of large positions m
