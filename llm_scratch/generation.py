@@ -2,8 +2,9 @@
 
     out = generate(model, input_ids, max_new_tokens=50, temperature=0.8, top_k=50, top_p=0.95)
 
-The model is any of the package's decoders: `model(ids, padding_mask=..., caches=...)` returns logits
-(B, T, V) and `model.init_caches(B, max_len)` returns one KV cache per layer. With the cache, the prompt
+The model is any of the package's decoders: `model(ids, padding_mask=..., caches=..., last_only=True)`
+returns the last position's logits (B, 1, V) and `model.init_caches(B, max_len)` returns one KV cache per
+layer. With the cache, the prompt
 is processed once (prefill) and then each step feeds only the newest token; without it, every step
 re-runs the whole sequence (the reference the cache must agree with).
 
@@ -79,9 +80,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     try:
         for _ in range(max_new_tokens):
             if use_cache:
-                logits = model(step_input, padding_mask=step_mask, caches=caches)[:, -1]
+                logits = model(step_input, padding_mask=step_mask, caches=caches, last_only=True)[:, -1]
             else:
-                logits = model(ids, padding_mask=mask)[:, -1]
+                logits = model(ids, padding_mask=mask, last_only=True)[:, -1]
             next_token = sample_next_token(logits, temperature, top_k, top_p, generator)
             if eos_token_id is not None:
                 next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)

@@ -215,3 +215,21 @@ def test_attention_scores_are_what_the_forward_pass_softmaxes():
         out = attn.o_proj((weights @ v).transpose(1, 2).reshape(2, 10, 32))
         with torch.no_grad():
             torch.testing.assert_close(out, attn(x), atol=1e-5, rtol=0)
+
+
+def test_last_only_logits_are_the_last_row_of_the_full_logits():
+    from llm_scratch.models import GPT2, GPT2Config
+
+    torch.manual_seed(0)
+    models = [GPT2(GPT2Config(vocab_size=V, context_length=32, d_model=32, n_layers=2, n_heads=4)),
+              Gemma3(Gemma3Config(vocab_size=V, context_length=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=1,
+                                  head_dim=8, ffn_hidden=48, sliding_window=4, sliding_window_pattern=2,
+                                  final_logit_softcap=5.0))]
+    ids = torch.randint(0, V, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, :3] = False
+    for model in models:
+        with torch.no_grad():
+            last = model.eval()(ids, padding_mask=mask, last_only=True)
+            assert last.shape == (2, 1, V)
+            torch.testing.assert_close(last, model(ids, padding_mask=mask)[:, -1:], atol=1e-6, rtol=0)

@@ -113,13 +113,15 @@ class GPT2(nn.Module):
         return [block.attn.init_cache(batch_size, max_len) for block in self.blocks]
 
     def forward(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                caches: list[KVCache] | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V).
+                caches: list[KVCache] | None = None, positions: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only.
 
         padding_mask: (B, T) True for real tokens (pad on the left for generation). Positions then
             count real tokens only, so a left-padded sequence gets the same positions as unpadded.
         caches: from init_caches; each call appends this call's keys and values.
         positions: (B, T) or (T,) position ids, overriding the default.
+        last_only: compute the logits of the last position only (what generation needs).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
@@ -132,4 +134,6 @@ class GPT2(nn.Module):
         x = self.dropout(self.wte(input_ids) + self.wpe(positions))  # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, padding_mask=padding_mask, cache=caches[i] if caches else None)
+        if last_only:  # generation needs the next token's logits only: skip the (T-1)·C·V head flops
+            x = x[:, -1:]
         return self.lm_head(self.ln_f(x))  # (B, T, V)

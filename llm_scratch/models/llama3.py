@@ -190,13 +190,15 @@ class Llama3(nn.Module):
         return [block.attn.init_cache(batch_size, max_len, dtype=dtype, device=device) for block in self.blocks]
 
     def forward(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                caches: list[KVCache] | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V).
+                caches: list[KVCache] | None = None, positions: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only.
 
         padding_mask: (B, T), True for real tokens (pad on the left for generation); positions count real
             tokens only, so a left-padded row is computed as without its padding.
         caches: from init_caches; each call appends this call's keys and values.
         positions: (T,) or (B, T) position ids, overriding the default.
+        last_only: compute the logits of the last position only (what generation needs).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
@@ -211,4 +213,6 @@ class Llama3(nn.Module):
         x = self.embed_tokens(input_ids)  # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, padding_mask=padding_mask, cache=caches[i] if caches else None, positions=positions)
+        if last_only:  # generation needs the next token's logits only: skip the (T-1)·C·V head flops
+            x = x[:, -1:]
         return self.logits(self.norm(x))  # (B, T, V)
