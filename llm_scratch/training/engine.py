@@ -203,7 +203,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return total / cfg.grad_accum_steps
+        return total  # already the mean over the step's targets
 
     def train(self, steps: int | None = None) -> History:
         """Run until max_steps (or `steps` more); evaluate every eval_every steps and at the end."""
