@@ -51,7 +51,7 @@ from torch import nn
 from llm_scratch.attention.kv_cache import MLACache
 from llm_scratch.attention.sdpa import scaled_dot_product_attention
 from llm_scratch.norm import RMSNorm
-from llm_scratch.position.rope import RotaryEmbedding
+from llm_scratch.position.rope import RopeScaling, RotaryEmbedding
 
 __all__ = ["MLAConfig", "MultiHeadLatentAttention"]
 
@@ -69,8 +69,10 @@ class MLAConfig:
     qk_rope_head_dim: per-head width of the decoupled RoPE query and of the shared RoPE key [d_h^R].
     v_head_dim: per-head value width (d_h in the paper; a separate number in the code).
     rope_base: RoPE's θ base. rope_interleaved: DeepSeek pairs channels (2i, 2i+1), see position/rope.py.
-    rope_scaling_factor, mscale_all_dim: YaRN's softmax-scale correction only (see `softmax_scale`).
-        YaRN's change of the rotary frequencies themselves is not implemented here.
+    rope_scaling: a Hugging Face style rope_parameters dict (e.g. DeepSeek-V3's YaRN, factor 40) for the
+        decoupled RoPE's frequencies and cos/sin factor; it also sets rope_scaling_factor and mscale_all_dim.
+    rope_scaling_factor, mscale_all_dim: YaRN's softmax-scale correction (see `softmax_scale`); taken from
+        rope_scaling when that is given, else settable alone (the frequencies then stay unscaled).
     attention_bias: biases on q_a_proj, kv_a_proj_with_mqa and o_proj (as Hugging Face's flag).
     norm_eps: epsilon of the two latent RMSNorms.
     """
@@ -84,12 +86,18 @@ class MLAConfig:
     v_head_dim: int
     rope_base: float = 10000.0
     rope_interleaved: bool = True
+    rope_scaling: dict | None = None
     rope_scaling_factor: float | None = None
     mscale_all_dim: float = 0.0
     attention_bias: bool = False
     norm_eps: float = 1e-6
 
     def __post_init__(self):
+        if self.rope_scaling is not None:
+            scaling = RopeScaling.from_dict(self.rope_scaling)  # validates
+            if scaling.rope_type != "default":
+                self.rope_scaling_factor = float(scaling.factor)
+                self.mscale_all_dim = float(scaling.mscale_all_dim or 0.0)
         sizes = ("d_model", "n_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
         for name in sizes:
             if not _is_positive_int(getattr(self, name)):
@@ -166,7 +174,8 @@ class MultiHeadLatentAttention(nn.Module):
         # [W_UK ; W_UV] per head (eqs. 10-11). No bias: absorption (forward's absorb=True) needs it linear.
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, H * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * c.v_head_dim, c.d_model, bias=c.attention_bias)  # W_O (eq. 19)
-        self.rope = RotaryEmbedding(c.qk_rope_head_dim, c.rope_base, interleaved=c.rope_interleaved)
+        scaling = RopeScaling.from_dict(c.rope_scaling) if c.rope_scaling else None
+        self.rope = RotaryEmbedding(c.qk_rope_head_dim, c.rope_base, interleaved=c.rope_interleaved, scaling=scaling)
 
     @property
     def softmax_scale(self) -> float:

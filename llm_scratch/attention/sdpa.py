@@ -148,7 +148,7 @@ def scaled_dot_product_attention(
     padding_mask: (B, Tk), True = real key.
     window: sliding-window size (implies causal).
     softcap: soft-cap the scores before masking, s -> softcap · tanh(s / softcap), so none exceeds
-        ±softcap (Gemma 2, Gemma Team 2024, arXiv:2408.00118, section 2.2). The fused kernel has no
+        ±softcap (Gemma 2, Gemma Team 2024, arXiv:2408.00118, section 2). The fused kernel has no
         such option, so this always takes the explicit path.
     naive: compute the equation explicitly instead of calling the fused kernel.
     """

@@ -1,8 +1,10 @@
 """Whole models assembled from the package's parts, and loaders for Hugging Face checkpoints."""
 
+from llm_scratch.models.deepseek_v3 import DeepSeekV3, DeepSeekV3Config
 from llm_scratch.models.gemma3 import Gemma3, Gemma3Config
 from llm_scratch.models.gpt2 import GPT2, GPT2Config
 from llm_scratch.models.llama3 import Llama3, Llama3Config
 from llm_scratch.models.qwen3 import Qwen3, Qwen3Config
 
-__all__ = ["GPT2", "GPT2Config", "Gemma3", "Gemma3Config", "Llama3", "Llama3Config", "Qwen3", "Qwen3Config"]
+__all__ = ["DeepSeekV3", "DeepSeekV3Config", "GPT2", "GPT2Config", "Gemma3", "Gemma3Config", "Llama3", "Llama3Config",
+           "Qwen3", "Qwen3Config"]

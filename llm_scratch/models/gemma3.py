@@ -1,14 +1,15 @@
 """Gemma 3, text only (Gemma Team 2025, "Gemma 3 Technical Report", arXiv:2503.19786), as Llama 3 changed
 in these places (each is a few lines below):
 
-- local and global layers, 5:1: five sliding-window layers (each query sees the last 512 tokens) for
-  every global one (Gemma 3 report, section 2.2). Only global layers need a KV cache as long as the
-  text; the local ones keep 511 tokens (`SlidingWindowKVCache`), which is most of the cache saved.
+- local and global layers, 5:1: five sliding-window layers for every global one (Gemma 3 report,
+  section 2; a window of 1,024 tokens there, 512 in the released 270M and 1B configs). Only global
+  layers need a KV cache as long as the text; the local ones keep window - 1 tokens
+  (`SlidingWindowKVCache`), which is most of the cache saved.
 - two RoPE bases: 10⁴ on local layers, 10⁶ on global ones (whose RoPE alone may be scaled for long
   context).
 - QK-norm, as Qwen3, and attention scores scaled by query_pre_attn_scalar^-1/2 rather than D^-1/2.
 - four norms per block, "sandwich" style: RMSNorm before *and after* the attention and the MLP, the
-  after-norms inside the residual branch (Gemma 2, arXiv:2408.00118, section 2.2).
+  after-norms inside the residual branch (Gemma 2, arXiv:2408.00118, section 2).
 - RMSNorm stores w and multiplies by (1 + w), so weights start at 0 (a re-parametrization).
 - GeGLU (tanh GELU gates) instead of SwiGLU; embeddings multiplied by √d_model; head always tied.
 - Gemma 2's soft-capping, s -> cap · tanh(s / cap), of attention scores (cap 50) and final logits

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from llm_scratch.models.deepseek_v3 import DeepSeekV3, DeepSeekV3Config
 from llm_scratch.models.gemma3 import Gemma3, Gemma3Config
 from llm_scratch.models.gpt2 import GPT2, GPT2Config
 from llm_scratch.models.llama3 import Llama3, Llama3Config
@@ -200,12 +201,100 @@ def _llama_family_weights(layer_names: dict[str, str]) -> Callable:
     return convert
 
 
+# --- DeepSeek-V3 -------------------------------------------------------------------------------------
+
+
+def _deepseek_v3_config(hf: dict) -> DeepSeekV3Config:
+    _check_unsupported(hf, attention_bias=(False,), hidden_act=("silu",), topk_method=("noaux_tc",),
+                       scoring_func=("sigmoid",))
+    base, scaling = _rope(hf, hf.get("rope_parameters"), 10000.0)
+    n_routed = hf.get("n_routed_experts", hf.get("num_local_experts"))
+    return DeepSeekV3Config(
+        vocab_size=hf["vocab_size"], context_length=hf["max_position_embeddings"], d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"], q_lora_rank=hf["q_lora_rank"],
+        kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=hf["qk_nope_head_dim"],
+        qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"], ffn_hidden=hf["intermediate_size"],
+        moe_hidden=hf["moe_intermediate_size"], first_k_dense=hf["first_k_dense_replace"], n_routed_experts=n_routed,
+        n_shared_experts=hf["n_shared_experts"] or 0, n_experts_per_tok=hf["num_experts_per_tok"],
+        n_group=hf["n_group"], topk_group=hf["topk_group"], routed_scaling_factor=hf["routed_scaling_factor"],
+        norm_topk_prob=hf["norm_topk_prob"], rope_base=base, rope_scaling=scaling,
+        rope_interleaved=hf.get("rope_interleave", True), norm_eps=hf["rms_norm_eps"],
+        n_mtp=hf.get("num_nextn_predict_layers", 0) or 0)
+
+
+_DEEPSEEK_LAYER_NAMES = {"self_attn.": "attn.", "input_layernorm.": "attn_norm.",
+                         "post_attention_layernorm.": "mlp_norm.", "mlp.gate.weight": "mlp.router.weight",
+                         "mlp.gate.e_score_correction_bias": "mlp.router.bias", "mlp.": "mlp."}
+_MTP_NAMES = {"enorm.": "enorm.", "hnorm.": "hnorm.", "eh_proj.": "eh_proj.", "shared_head.norm.": "norm."}
+
+
+def _deepseek_v3_weights(state: dict[str, torch.Tensor], cfg: DeepSeekV3Config) -> dict[str, torch.Tensor]:
+    """Names as for Llama, plus: the router (gate -> router, e_score_correction_bias -> router.bias); experts
+    stacked into (E, 2I, C) gate_up / (E, C, I) down tensors, from per-expert matrices (as saved on disk) or
+    already packed (transformers 5 in memory); layers n_layers.. are the MTP modules, whose copies of the
+    shared embedding and head (embed_tokens, shared_head.head) must equal the main model's and are dropped."""
+    out: dict[str, torch.Tensor] = {}
+    per_expert: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    for key, value in state.items():
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", key)
+        if m is None:
+            out[{"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight"}.get(key, key)] = value
+            continue
+        layer, rest = int(m.group(1)), m.group(2)
+        if layer < cfg.n_layers:
+            prefix = f"blocks.{layer}."
+        else:  # an MTP module: its own norms and projection, then one ordinary block
+            prefix = f"mtp.{layer - cfg.n_layers}."
+            if rest in ("embed_tokens.weight", "shared_head.head.weight"):
+                main = state["model.embed_tokens.weight" if rest.startswith("embed") else "lm_head.weight"]
+                if not torch.equal(value, main):
+                    raise ValueError(f"{key} differs from the main model's, but MTP shares it")
+                continue
+            for theirs, ours in _MTP_NAMES.items():
+                if rest.startswith(theirs):
+                    out[prefix + ours + rest[len(theirs):]] = value
+                    break
+            else:
+                prefix += "block."
+            if rest.startswith(tuple(_MTP_NAMES)):
+                continue
+        e = re.fullmatch(r"mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight", rest)
+        if e is not None:
+            per_expert.setdefault((prefix, e.group(2)), {})[int(e.group(1))] = value
+            continue
+        for theirs, ours in _DEEPSEEK_LAYER_NAMES.items():
+            if rest.startswith(theirs):
+                rest = ours + rest[len(theirs):]
+                break
+        out[prefix + rest] = value
+    for prefix in sorted({p for p, _ in per_expert}):
+        stacks = {}
+        for kind in ("gate", "up", "down"):
+            experts = per_expert.get((prefix, kind), {})
+            if sorted(experts) != list(range(cfg.n_routed_experts)):
+                raise ValueError(f"{prefix}mlp.experts: {kind}_proj found for experts {sorted(experts)}, "
+                                 f"expected 0..{cfg.n_routed_experts - 1}")
+            stacks[kind] = torch.stack([experts[i] for i in range(cfg.n_routed_experts)])
+        out[prefix + "mlp.experts.gate_up_proj"] = torch.cat([stacks["gate"], stacks["up"]], dim=1)  # (E, 2I, C)
+        out[prefix + "mlp.experts.down_proj"] = stacks["down"]  # (E, C, I)
+    return out
+
+
+def _drop_missing_mtp(hf: dict, state_keys) -> dict:
+    """Hugging Face's model has no MTP and does not save it: build ours without it when the weights are absent."""
+    first_mtp = f"model.layers.{hf['num_hidden_layers']}."
+    if hf.get("num_nextn_predict_layers") and not any(k.startswith(first_mtp) for k in state_keys):
+        hf = {**hf, "num_nextn_predict_layers": 0}
+    return hf
+
+
 # model_type -> (config translator, weight mapper, model class)
 _ARCHITECTURES: dict[str, tuple[Callable, Callable, type[nn.Module]]] = {
     "gpt2": (_gpt2_config, _gpt2_weights, GPT2),
     "llama": (_llama_config, _llama_family_weights(_LLAMA_LAYER_NAMES), Llama3),
     "qwen3": (_qwen3_config, _llama_family_weights(_LLAMA_LAYER_NAMES), Qwen3),
     "gemma3_text": (_gemma3_config, _llama_family_weights(_GEMMA_LAYER_NAMES), Gemma3),
+    "deepseek_v3": (_deepseek_v3_config, _deepseek_v3_weights, DeepSeekV3),
 }
 SUPPORTED_MODEL_TYPES = tuple(_ARCHITECTURES)
 
@@ -229,10 +318,13 @@ def load_hf_checkpoint(folder: str | os.PathLike, dtype: torch.dtype = torch.flo
     if model_class is not None and model_class is not found_class:
         raise ValueError(f"{folder} holds a {model_type!r} checkpoint, which loads as {found_class.__name__}, "
                          f"not {model_class.__name__}")
+    state = read_hf_state_dict(folder)
+    if model_type == "deepseek_v3":
+        hf_config = _drop_missing_mtp(hf_config, state)
     cfg = to_config(hf_config)
     with torch.device("meta"):
         model = found_class(cfg)
-    weights = to_weights(read_hf_state_dict(folder), cfg)
+    weights = to_weights(state, cfg)
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     shapes = sorted(f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(expected[k].shape)}"

@@ -142,8 +142,12 @@ class Trainer:
 
     def __init__(self, model: nn.Module, train_data, val_data, cfg: TrainConfig,
                  device: torch.device | str | None = None,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_loss):
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_loss,
+                 on_step_end: Callable[[Trainer], None] | None = None):
+        """loss_fn(logits, targets) -> scalar; on_step_end(trainer) runs after every optimizer step (e.g.
+        DeepSeek-V3's router-bias update, or logging)."""
         self.cfg = cfg
+        self.on_step_end = on_step_end
         self.device = torch.device(device) if device is not None else get_device()
         self.model = model.to(self.device)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
@@ -203,6 +207,8 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        if self.on_step_end is not None:
+            self.on_step_end(self)
         return total  # already the mean over the step's targets
 
     def train(self, steps: int | None = None) -> History:
@@ -244,15 +250,18 @@ class Trainer:
 
     @classmethod
     def resume(cls, path: str | os.PathLike, model: nn.Module, train_data, val_data,
-               device: torch.device | str | None = None, **overrides) -> Trainer:
-        """A Trainer in exactly the state `save` wrote (model weights loaded into `model`)."""
+               device: torch.device | str | None = None,
+               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_loss,
+               on_step_end: Callable[[Trainer], None] | None = None, **overrides) -> Trainer:
+        """A Trainer in exactly the state `save` wrote (model weights loaded into `model`); loss_fn and
+        on_step_end as in the constructor (they are code, so the checkpoint cannot hold them)."""
         tensors, record = load_tensors(path)
         if record.get("kind") != "training_state":
             raise ValueError(f"{path} is not a training state written by Trainer.save")
         saved = record["train_config"]
         cfg = TrainConfig(**{**saved, "betas": tuple(saved["betas"]), **overrides})
         model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-        trainer = cls(model, train_data, val_data, cfg, device)
+        trainer = cls(model, train_data, val_data, cfg, device, loss_fn=loss_fn, on_step_end=on_step_end)
         state: dict[int, dict] = {}
         for key, value in tensors.items():
             if key.startswith("optimizer."):
