@@ -106,11 +106,13 @@ class GPT2(nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=0.02)
 
-    def init_caches(self, batch_size: int, max_len: int) -> list[KVCache]:
-        """One empty KV cache per layer, for decoding up to max_len tokens in all."""
+    def init_caches(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None) -> list[KVCache]:
+        """One empty KV cache per layer, for decoding up to max_len tokens in all (dtype and device default
+        to the weights')."""
         if max_len > self.cfg.context_length:
             raise ValueError(f"max_len {max_len} exceeds the context length {self.cfg.context_length}")
-        return [block.attn.init_cache(batch_size, max_len) for block in self.blocks]
+        return [block.attn.init_cache(batch_size, max_len, dtype=dtype, device=device) for block in self.blocks]
 
     def forward(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None,
                 caches: list[KVCache] | None = None, positions: torch.Tensor | None = None,
