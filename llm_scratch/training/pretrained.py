@@ -27,8 +27,9 @@ __all__ = ["SHAKESPEARE_GPT", "load_or_pretrain", "shakespeare_gpt_config", "sha
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 SHAKESPEARE_GPT = REPO_ROOT / "data" / "checkpoints" / "shakespeare_gpt"
 CONTEXT = 128
-TRAINING = dict(max_steps=400, batch_size=32, lr=3e-3, min_lr_ratio=0.1, warmup_steps=30, weight_decay=0.1,
-                grad_clip=1.0, eval_every=50, eval_batches=16, seed=0)
+# 1,500 steps: the validation loss stops improving around step 1,200 (5.14) while the training loss keeps falling
+TRAINING = dict(max_steps=1500, batch_size=32, lr=3e-3, min_lr_ratio=0.1, warmup_steps=30, weight_decay=0.1,
+                grad_clip=1.0, eval_every=100, eval_batches=16, seed=0)
 
 
 def shakespeare_gpt_config() -> GPT2Config:
