@@ -114,7 +114,7 @@ def test_cached_decoding_equals_full_forward_and_causality():
 
 def test_context_limit_and_bad_presets():
     model = GPT2(GPT2Config(vocab_size=10, context_length=8, d_model=16, n_layers=1, n_heads=2))
-    with pytest.raises(ValueError, match="exceeds GPT-2's context length 8"):
+    with pytest.raises(ValueError, match="exceeds the context length 8"):
         model(torch.zeros(1, 9, dtype=torch.long))
     with pytest.raises(ValueError, match="known: gpt2, gpt2-medium, gpt2-large, gpt2-xl"):
         GPT2Config.from_preset("gpt3")

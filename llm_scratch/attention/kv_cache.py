@@ -90,6 +90,18 @@ class _LayerCache:
         return f"{type(self).__name__}(length={self.length}, {shapes})"
 
 
+def _check_kv(k: torch.Tensor, v: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor) -> None:
+    """New keys (B, K, T, D) and values (B, K, T, Dv) must fit the buffers' K, D, Dv and dtype."""
+    if (k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3] or k.shape[1] != k_buf.shape[1]
+            or k.shape[3] != k_buf.shape[3] or v.shape[3] != v_buf.shape[3]):
+        raise ValueError(
+            f"the cache stores (K={k_buf.shape[1]}, D={k_buf.shape[3]}, Dv={v_buf.shape[3]}) and k, v "
+            f"must agree on (B, K, T); got k {tuple(k.shape)} and v {tuple(v.shape)}"
+        )
+    if k.dtype != k_buf.dtype or v.dtype != v_buf.dtype:
+        raise ValueError(f"the cache stores {k_buf.dtype}, got k of dtype {k.dtype} and v of dtype {v.dtype}")
+
+
 class KVCache(_LayerCache):
     """Keys (B, K, max_len, D) and values (B, K, max_len, Dv) of one MHA/GQA/MQA layer."""
 
@@ -115,14 +127,7 @@ class KVCache(_LayerCache):
         self, k: torch.Tensor, v: torch.Tensor, padding_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Append k (B, K, T, D) and v (B, K, T, Dv); return every stored key, value and padding mask."""
-        if (k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3] or k.shape[1] != self.k.shape[1]
-                or k.shape[3] != self.k.shape[3] or v.shape[3] != self.v.shape[3]):
-            raise ValueError(
-                f"the cache stores (K={self.k.shape[1]}, D={self.k.shape[3]}, Dv={self.v.shape[3]}) and k, v "
-                f"must agree on (B, K, T); got k {tuple(k.shape)} and v {tuple(v.shape)}"
-            )
-        if k.dtype != self.k.dtype or v.dtype != self.v.dtype:
-            raise ValueError(f"the cache stores {self.k.dtype}, got k of dtype {k.dtype} and v of dtype {v.dtype}")
+        _check_kv(k, v, self.k, self.v)
         span = self._reserve(k.shape[2], k.shape[0], padding_mask)
         self.k[:, :, span] = k
         self.v[:, :, span] = v
@@ -171,14 +176,7 @@ class SlidingWindowKVCache:
         self, k: torch.Tensor, v: torch.Tensor, padding_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Append k (B, K, T, D) and v (B, K, T, Dv); return the kept tokens then the new ones."""
-        if (k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3] or k.shape[1] != self.k.shape[1]
-                or k.shape[3] != self.k.shape[3] or v.shape[3] != self.v.shape[3]):
-            raise ValueError(
-                f"the cache stores (K={self.k.shape[1]}, D={self.k.shape[3]}, Dv={self.v.shape[3]}) and k, v "
-                f"must agree on (B, K, T); got k {tuple(k.shape)} and v {tuple(v.shape)}"
-            )
-        if k.dtype != self.k.dtype or v.dtype != self.v.dtype:
-            raise ValueError(f"the cache stores {self.k.dtype}, got k of dtype {k.dtype} and v of dtype {v.dtype}")
+        _check_kv(k, v, self.k, self.v)
         B, _, T, _ = k.shape
         if B != self.batch_size:
             raise ValueError(f"the cache holds batch_size={self.batch_size}, the update has {B}")

@@ -32,6 +32,7 @@ from torch import nn
 
 from llm_scratch.attention import MLAConfig, MultiHeadLatentAttention, next_positions
 from llm_scratch.ffn import SwiGLU
+from llm_scratch.models.gpt2 import check_input_ids
 from llm_scratch.moe import DeepSeekMoE, moe_layers
 from llm_scratch.norm import RMSNorm
 from llm_scratch.training.losses import cross_entropy_loss
@@ -206,12 +207,7 @@ class DeepSeekV3(nn.Module):
 
     def hidden_states(self, input_ids, padding_mask=None, caches=None, positions=None) -> torch.Tensor:
         """input_ids (B, T) -> the last block's output (B, T, C), before the final norm."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
-        past = caches[0].length if caches else 0
-        if past + input_ids.shape[1] > self.cfg.context_length:
-            raise ValueError(f"sequence of {past + input_ids.shape[1]} tokens exceeds the context length "
-                             f"{self.cfg.context_length}")
+        check_input_ids(input_ids, caches, self.cfg.context_length)
         if positions is None:
             positions = next_positions(caches, input_ids, padding_mask)
         x = self.embed(input_ids)

@@ -25,7 +25,7 @@ from llm_scratch.ffn import MLP
 from llm_scratch.norm import LayerNorm
 from llm_scratch.position.absolute import LearnedPositionEmbedding
 
-__all__ = ["GPT2", "GPT2Config"]
+__all__ = ["GPT2", "GPT2Config", "check_input_ids"]
 
 # name -> (d_model, n_layers, n_heads), from the paper's Table 2 and the released checkpoints
 _PRESETS = {
@@ -66,6 +66,15 @@ class GPT2Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_input_ids(input_ids: torch.Tensor, caches, context_length: int) -> None:
+    """input_ids must be (B, T), and the cached tokens plus these must fit in the context (every decoder's check)."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
+    total = (caches[0].length if caches else 0) + input_ids.shape[1]
+    if total > context_length:
+        raise ValueError(f"sequence of {total} tokens exceeds the context length {context_length}")
 
 
 class Block(nn.Module):
@@ -125,12 +134,7 @@ class GPT2(nn.Module):
         positions: (B, T) or (T,) position ids, overriding the default.
         last_only: compute the logits of the last position only (what generation needs).
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
-        B, T = input_ids.shape
-        past = caches[0].length if caches else 0
-        if past + T > self.cfg.context_length:
-            raise ValueError(f"sequence of {past + T} tokens exceeds GPT-2's context length {self.cfg.context_length}")
+        check_input_ids(input_ids, caches, self.cfg.context_length)
         if positions is None:
             positions = next_positions(caches, input_ids, padding_mask)  # real tokens only: padding shifts nothing
         x = self.dropout(self.wte(input_ids) + self.wpe(positions))  # (B, T, C)

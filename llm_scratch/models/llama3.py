@@ -26,6 +26,7 @@ from torch import nn
 from llm_scratch.attention import GroupedQueryAttention, KVCache, next_positions
 from llm_scratch.embedding import TiedLMHead
 from llm_scratch.ffn import SwiGLU
+from llm_scratch.models.gpt2 import check_input_ids
 from llm_scratch.norm import RMSNorm
 from llm_scratch.position.rope import RopeScaling, RotaryEmbedding
 
@@ -200,12 +201,7 @@ class Llama3(nn.Module):
         positions: (T,) or (B, T) position ids, overriding the default.
         last_only: compute the logits of the last position only (what generation needs).
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
-        past = caches[0].length if caches else 0
-        if past + input_ids.shape[1] > self.cfg.context_length:
-            raise ValueError(f"sequence of {past + input_ids.shape[1]} tokens exceeds the context length "
-                             f"{self.cfg.context_length}")
+        check_input_ids(input_ids, caches, self.cfg.context_length)
         if caches is not None and len(caches) != len(self.blocks):
             raise ValueError(f"caches must hold one cache per layer ({len(self.blocks)}), got {len(caches)}")
         if positions is None:
