@@ -46,6 +46,8 @@ def sequence_balance_loss(routing: Routing, batch_size: int, alpha: float = 1e-4
 
     The N = batch_size · T tokens are in (B, T) order. Per sequence: f_i = E / (k·T) · (times expert i
     was chosen), P_i = mean over t of s'_{i,t}, s' = s / Σ_j s_j the affinities normalized over experts.
+    f counts the experts actually chosen (bias and group limit included), the load being balanced; eq. 18
+    writes the top-k of s alone, which is the same when the bias is zero and the group limit does not bind.
     """
     N, k = routing.indices.shape
     E = routing.n_experts

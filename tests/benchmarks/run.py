@@ -33,6 +33,24 @@ def timeit(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
+def timeit_interleaved(fns: dict, device: torch.device, repeats: int) -> dict[str, float]:
+    """Median wall time (ms) of each fn, timed in turn within every round, so that a machine that slows
+    down or speeds up during the run (other jobs, frequency scaling) affects all of them alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if device.type != "cpu":
+                torch.accelerator.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type != "cpu":
+                torch.accelerator.synchronize()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 @torch.no_grad()
 def bench_sdpa_paths(device: torch.device, quick: bool) -> None:
     """Naive softmax(QKᵀ/√D)V vs the fused kernel, causal, B=4, H=8, D=64."""
@@ -151,14 +169,16 @@ def bench_gpt2(device: torch.device, quick: bool) -> None:
             opt.zero_grad(set_to_none=True)
         return run
 
-    print(f"\nGPT-2 training step, d={d} L={layers} H={heads} V={vocab}, batch {B}x{ctx} fp32 (tokens/s, median)")
-    rates = []
-    for name, model, hf in (("ours", ours, False), ("transformers", theirs, True)):
-        model.train()
-        ms = timeit(step(model, hf), device, 3 if quick else 10)
-        rates.append(B * ctx / ms * 1e3)
-        print(f"{name:>14} {rates[-1]:>12,.0f}")
-    print(f"{'ours / theirs':>14} {rates[0] / rates[1]:>12.2f}")
+    print(f"\nGPT-2 training step, d={d} L={layers} H={heads} V={vocab}, batch {B}x{ctx} fp32 "
+          "(tokens/s, median of rounds timing each in turn)")
+    ours.train()
+    theirs.train()
+    ms = timeit_interleaved({"ours": step(ours, False), "transformers": step(theirs, True)}, device,
+                            3 if quick else 10)
+    rates = {name: B * ctx / t * 1e3 for name, t in ms.items()}
+    for name, rate in rates.items():
+        print(f"{name:>14} {rate:>12,.0f}")
+    print(f"{'ours / theirs':>14} {rates['ours'] / rates['transformers']:>12.2f}")
 
     ours.eval()
     theirs.eval()
@@ -171,10 +191,10 @@ def bench_gpt2(device: torch.device, quick: bool) -> None:
         ("transformers", lambda: theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
                                                  min_new_tokens=new, do_sample=False, pad_token_id=0)),
     ]
-    for name, fn in decode:
-        with torch.no_grad():
-            ms = timeit(fn, device, 2 if quick else 5)
-        print(f"{name:>16} {new / ms * 1e3:>10,.0f}")
+    with torch.no_grad():
+        ms = timeit_interleaved(dict(decode), device, 2 if quick else 5)
+    for name, t in ms.items():
+        print(f"{name:>16} {new / t * 1e3:>10,.0f}")
 
 
 BENCHMARKS = [bench_sdpa_paths, bench_kv_cache_decode, bench_bpe, bench_gpt2]
