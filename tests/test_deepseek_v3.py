@@ -196,3 +196,26 @@ def test_bad_configs_get_clear_errors():
         _tiny(topk_group=5)
     with pytest.raises(ValueError, match="unknown DeepSeekV3Config preset"):
         DeepSeekV3Config.from_preset("deepseek-v2")
+
+
+def test_packed_experts_load_like_per_expert_matrices(tmp_path):
+    """transformers 5 holds experts packed as (E, 2I, C) gate_up_proj and (E, C, I) down_proj; a file written
+    that way loads to the same model as the per-expert matrices save_pretrained writes."""
+    ours, theirs = _hf_pair(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    packed = {}
+    for key, value in state.items():
+        if ".mlp.experts." not in key:
+            packed[key] = value
+    for layer in (1, 2):
+        prefix = f"model.layers.{layer}.mlp.experts."
+        stack = {kind: torch.stack([state[f"{prefix}{e}.{kind}_proj.weight"] for e in range(8)])
+                 for kind in ("gate", "up", "down")}
+        packed[prefix + "gate_up_proj"] = torch.cat([stack["gate"], stack["up"]], dim=1)
+        packed[prefix + "down_proj"] = stack["down"]
+    save_file(packed, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    reloaded = load_hf_checkpoint(tmp_path)
+    ids = torch.randint(0, V, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids), ours(ids), atol=0, rtol=0)
+        torch.testing.assert_close(reloaded(ids), theirs(ids).logits, atol=1e-4, rtol=0)
