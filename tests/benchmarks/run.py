@@ -20,17 +20,7 @@ from llm_scratch.attention import GroupedQueryAttention, scaled_dot_product_atte
 
 def timeit(fn, device: torch.device, repeats: int) -> float:
     """Median wall time of fn() in milliseconds, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type != "cpu":
-            torch.accelerator.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type != "cpu":
-            torch.accelerator.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return timeit_interleaved({"fn": fn}, device, repeats)["fn"]
 
 
 def timeit_interleaved(fns: dict, device: torch.device, repeats: int) -> dict[str, float]:
