@@ -250,14 +250,11 @@ def _deepseek_v3_weights(state: dict[str, torch.Tensor], cfg: DeepSeekV3Config) 
                 if not torch.equal(value, main):
                     raise ValueError(f"{key} differs from the main model's, but MTP shares it")
                 continue
-            for theirs, ours in _MTP_NAMES.items():
-                if rest.startswith(theirs):
-                    out[prefix + ours + rest[len(theirs):]] = value
-                    break
-            else:
-                prefix += "block."
-            if rest.startswith(tuple(_MTP_NAMES)):
+            own = next((name for name in _MTP_NAMES if rest.startswith(name)), None)
+            if own is not None:  # enorm, hnorm, eh_proj, shared_head.norm
+                out[prefix + _MTP_NAMES[own] + rest[len(own):]] = value
                 continue
+            prefix += "block."  # the rest is an ordinary decoder layer
         e = re.fullmatch(r"mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight", rest)
         if e is not None:
             per_expert.setdefault((prefix, e.group(2)), {})[int(e.group(1))] = value
