@@ -94,3 +94,29 @@ def test_bad_input():
         linear_attention_parallel(q, k[:, :, :3], v)
     with pytest.raises(ValueError, match=r"n_heads \(3\) must divide d_model \(32\)"):
         LinearAttention(32, 3)
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_lightning_attention_equals_minimax(layer):
+    from transformers import MiniMaxConfig
+    from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention
+
+    from llm_scratch.attention.linear import LightningAttention
+
+    torch.manual_seed(layer)
+    cfg = MiniMaxConfig(hidden_size=32, num_attention_heads=4, head_dim=8, num_hidden_layers=3, block_size=8,
+                        hidden_act="silu")
+    theirs = MiniMaxLightningAttention(cfg, layer).eval()
+    ours = LightningAttention(32, 4, layer, 3, head_dim=8, block_size=8)
+    with torch.no_grad():
+        theirs.norm.weight.add_(torch.randn(32) * 0.2)
+        missing = ours.load_state_dict({k: v for k, v in theirs.state_dict().items()
+                                        if k in ("qkv_proj.weight", "norm.weight", "output_gate.weight",
+                                                 "out_proj.weight")}, strict=True)
+    assert not missing.missing_keys
+    torch.testing.assert_close(ours.slopes, theirs.slope_rate.flatten())
+    x = torch.randn(2, 21, 32)  # 21 tokens: two full blocks of 8 and a partial one
+    with torch.no_grad():
+        expected, _ = theirs(x, position_embeddings=None, attention_mask=None)
+        for mode in ("chunked", "recurrent", "parallel"):
+            torch.testing.assert_close(ours(x, mode=mode), expected, atol=1e-5, rtol=0)

@@ -28,13 +28,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llm_scratch.norm import RMSNorm
+
 __all__ = [
     "GatedLinearAttention",
+    "LightningAttention",
     "LinearAttention",
     "elu_feature_map",
     "linear_attention_chunked",
     "linear_attention_parallel",
     "linear_attention_recurrent",
+    "lightning_slopes",
 ]
 
 
@@ -193,6 +197,45 @@ class GatedLinearAttention(nn.Module):
         out = self.norm(_run(mode, q, k, v, log_decay, False, self.chunk_size))  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(B, T, C) * F.silu(self.r_proj(x))
         return self.o_proj(out)
+
+
+def lightning_slopes(n_heads: int, layer: int, n_layers: int) -> torch.Tensor:
+    """Lightning attention's per-head decay rates λ_h (MiniMax-01, arXiv:2501.08313, section 2.2.1): ALiBi's
+    geometric slopes 2^(-8h/H), h = 1..H (Press et al. 2022), scaled down linearly with depth so the last
+    layers forget slowest: λ_h · (1 - layer / (n_layers - 1) + 1e-5). The decay per step is exp(-λ_h)."""
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"layer must be in [0, n_layers={n_layers}), got {layer}")
+    rates = (2 ** (-8 / n_heads)) ** (torch.arange(n_heads, device="cpu") + 1)
+    return rates * (1 - layer / (n_layers - 1 + 1e-5) + 1e-5)
+
+
+class LightningAttention(nn.Module):
+    """MiniMax-01's Lightning Attention layer: linear attention with a fixed per-head decay (no softmax, no
+    1/√D, no normalizer), q, k, v through SiLU, an RMSNorm over all heads' outputs, a sigmoid output gate.
+    The block algorithm of the paper (intra-block masked decay, inter-block state) is `linear_attention_chunked`
+    with chunk_size = block_size. Weight names follow transformers' MiniMaxLightningAttention."""
+
+    def __init__(self, d_model: int, n_heads: int, layer: int, n_layers: int, head_dim: int | None = None,
+                 block_size: int = 256, eps: float = 1e-6):
+        super().__init__()
+        head_dim = head_dim or d_model // n_heads
+        self.n_heads, self.head_dim, self.block_size = n_heads, head_dim, block_size
+        self.qkv_proj = nn.Linear(d_model, 3 * n_heads * head_dim, bias=False)  # per head [q | k | v]
+        self.norm = RMSNorm(n_heads * head_dim, eps, cast_before_weight=True)
+        self.output_gate = nn.Linear(d_model, n_heads * head_dim, bias=False)
+        self.out_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
+        self.register_buffer("slopes", lightning_slopes(n_heads, layer, n_layers), persistent=False)
+
+    def forward(self, x: torch.Tensor, mode: str = "chunked") -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C)."""
+        B, T, _ = x.shape
+        H, D = self.n_heads, self.head_dim
+        qkv = F.silu(self.qkv_proj(x)).view(B, T, H, 3 * D).transpose(1, 2)  # (B, H, T, 3D)
+        q, k, v = qkv.split(D, dim=-1)
+        log_decay = (-self.slopes).to(x.dtype)[None, :, None, None].expand(B, H, T, D)
+        out = _run(mode, q, k, v, log_decay, False, self.block_size)  # (B, H, T, D)
+        out = self.norm(out.transpose(1, 2).reshape(B, T, H * D))
+        return self.out_proj(torch.sigmoid(self.output_gate(x)) * out)
 
 
 def _run(mode, q, k, v, log_decay, normalize, chunk_size):
