@@ -36,8 +36,9 @@ def test_parallel_chunked_recurrent_agree(decay, normalize, dtype, atol):
     recurrent, state, _ = linear_attention_recurrent(q, k, v, log_decay, normalize)
     assert state.shape == (2, 3, 8, 5)  # D_k x D_v per head, whatever T is
     for chunk in (1, 8, 10, 64):  # 37 tokens: chunks of 8 and 10 leave a remainder
-        chunked = linear_attention_chunked(q, k, v, log_decay, normalize, chunk_size=chunk)
+        chunked, chunk_state, _ = linear_attention_chunked(q, k, v, log_decay, normalize, chunk_size=chunk)
         torch.testing.assert_close(chunked, parallel, atol=atol, rtol=0)
+        torch.testing.assert_close(chunk_state, state, atol=atol, rtol=0)
     torch.testing.assert_close(recurrent, parallel, atol=atol, rtol=0)
 
 
@@ -67,6 +68,11 @@ def test_recurrent_state_continues_across_calls():
     rest, _, _ = linear_attention_recurrent(q[:, :, 12:], k[:, :, 12:], v[:, :, 12:], log_decay[:, :, 12:],
                                             normalize=True, state=state, key_sum=key_sum)
     torch.testing.assert_close(torch.cat([first, rest], 2), full, atol=1e-12, rtol=0)
+    chunk_first, S, z = linear_attention_chunked(q[:, :, :12], k[:, :, :12], v[:, :, :12], log_decay[:, :, :12],
+                                                 normalize=True, chunk_size=5)
+    chunk_rest, _, _ = linear_attention_chunked(q[:, :, 12:], k[:, :, 12:], v[:, :, 12:], log_decay[:, :, 12:],
+                                                normalize=True, chunk_size=5, state=S, key_sum=z)
+    torch.testing.assert_close(torch.cat([chunk_first, chunk_rest], 2), full, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("cls", [LinearAttention, GatedLinearAttention])
@@ -120,3 +126,19 @@ def test_lightning_attention_equals_minimax(layer):
         expected, _ = theirs(x, position_embeddings=None, attention_mask=None)
         for mode in ("chunked", "recurrent", "parallel"):
             torch.testing.assert_close(ours(x, mode=mode), expected, atol=1e-5, rtol=0)
+
+
+def test_modules_decode_from_their_state_as_the_full_forward():
+    from llm_scratch.attention.linear import LightningAttention
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 23, 32, dtype=torch.float64)
+    for layer in (LinearAttention(32, 4, chunk_size=8), GatedLinearAttention(32, 4, chunk_size=8),
+                  LightningAttention(32, 4, layer=0, n_layers=2, block_size=8)):
+        layer = layer.double()
+        cache = layer.init_cache(2, 23)
+        pieces = [layer(x[:, :10], cache=cache)] + [layer(x[:, t:t + 1], cache=cache) for t in range(10, 23)]
+        torch.testing.assert_close(torch.cat(pieces, 1), layer(x), atol=1e-10, rtol=0)
+        assert cache.length == 23 and cache.nbytes == 2 * 4 * (8 * 8 + 8) * 8  # fixed size, float64
+        with pytest.raises(ValueError, match="does not support padding"):
+            layer(x, padding_mask=torch.tensor([[False] * 3 + [True] * 20] * 2))

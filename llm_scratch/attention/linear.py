@@ -34,6 +34,7 @@ __all__ = [
     "GatedLinearAttention",
     "LightningAttention",
     "LinearAttention",
+    "LinearAttentionState",
     "elu_feature_map",
     "linear_attention_chunked",
     "linear_attention_parallel",
@@ -109,16 +110,18 @@ def linear_attention_recurrent(q, k, v, log_decay=None, normalize: bool = False,
 
 
 def linear_attention_chunked(q, k, v, log_decay=None, normalize: bool = False, eps: float = 1e-6,
-                             chunk_size: int = 64):
+                             chunk_size: int = 64, state: torch.Tensor | None = None,
+                             key_sum: torch.Tensor | None = None):
     """The chunked form: within each chunk of C tokens the parallel form (decays relative to the chunk's
-    start, so nothing overflows), across chunks the state S (and Σ k for `normalize`) carried over."""
+    start, so nothing overflows), across chunks the state S (and Σ k for `normalize`) carried over.
+    Returns (out, state, key_sum) like `linear_attention_recurrent`, and continues from them likewise."""
     _check(q, k, v, log_decay)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
-    S = q.new_zeros(B, H, Dk, Dv)
-    z = q.new_zeros(B, H, Dk)
+    S = q.new_zeros(B, H, Dk, Dv) if state is None else state
+    z = q.new_zeros(B, H, Dk) if key_sum is None else key_sum
     outs = []
     for start in range(0, T, chunk_size):
         sl = slice(start, min(start + chunk_size, T))
@@ -143,10 +146,57 @@ def linear_attention_chunked(q, k, v, log_decay=None, normalize: bool = False, e
         else:
             S = chunk_decay[..., None] * S + k_out.transpose(-2, -1) @ vc
             z = chunk_decay * z + k_out.sum(2)
-    return torch.cat(outs, dim=2)
+    return torch.cat(outs, dim=2), S, z
 
 
-class LinearAttention(nn.Module):
+class LinearAttentionState:
+    """The decoding memory of one linear-attention layer: S (B, H, D_k, D_v) and Σ k (B, H, D_k), a fixed size
+    whatever the length (a KV cache grows by 2·K·D numbers per token instead). `length` counts the tokens."""
+
+    def __init__(self, batch_size: int, max_len: int, n_heads: int, key_dim: int, value_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        self.batch_size, self.max_len, self.length = batch_size, max_len, 0
+        self.state = torch.zeros(batch_size, n_heads, key_dim, value_dim, dtype=dtype, device=device)
+        self.key_sum = torch.zeros(batch_size, n_heads, key_dim, dtype=dtype, device=device)
+
+    def real_lengths(self) -> None:
+        return None  # no padding: linear-attention layers refuse padded batches
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nelement() * t.element_size() for t in (self.state, self.key_sum))
+
+
+class _LinearMixer(nn.Module):
+    """What the three layers share: the cache API of the other attention layers, and the form to run."""
+
+    def init_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None) -> LinearAttentionState:
+        w = self.out_proj.weight if hasattr(self, "out_proj") else self.o_proj.weight
+        return LinearAttentionState(batch_size, max_len, self.n_heads, self.head_dim, self.head_dim,
+                                    dtype or w.dtype, device or w.device)
+
+    def _heads(self, x):
+        B, T, _ = x.shape
+        return lambda proj: proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+
+    def _mix(self, q, k, v, log_decay, normalize, mode, padding_mask, cache):
+        if padding_mask is not None and not bool(padding_mask.all()):
+            raise ValueError(f"{type(self).__name__} does not support padding (its state would absorb the pads); "
+                             "pass unpadded sequences")
+        if cache is None:
+            return _run(mode, q, k, v, log_decay, normalize, self.chunk_size)
+        T = q.shape[2]
+        if cache.length + T > cache.max_len:
+            raise ValueError(f"the state takes max_len={cache.max_len} tokens; {cache.length} were appended and "
+                             f"{T} more would exceed it")
+        out, cache.state, cache.key_sum = linear_attention_chunked(
+            q, k, v, log_decay, normalize, chunk_size=self.chunk_size, state=cache.state, key_sum=cache.key_sum)
+        cache.length += T
+        return out
+
+
+class LinearAttention(_LinearMixer):
     """Causal linear attention (Katharopoulos et al. 2020): φ(q)ᵀ S_t / φ(q)ᵀ z_t with φ = elu + 1."""
 
     def __init__(self, d_model: int, n_heads: int, normalize: bool = True, chunk_size: int = 64):
@@ -157,19 +207,17 @@ class LinearAttention(nn.Module):
         self.normalize, self.chunk_size = normalize, chunk_size
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d_model, d_model, bias=False) for _ in range(4))
 
-    def _heads(self, x):
-        B, T, _ = x.shape
-        return lambda proj: proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-
-    def forward(self, x: torch.Tensor, mode: str = "chunked") -> torch.Tensor:
-        """x (B, T, C) -> (B, T, C); mode "parallel", "chunked" or "recurrent" (the same numbers)."""
+    def forward(self, x: torch.Tensor, *, padding_mask=None, cache: LinearAttentionState | None = None,
+                positions=None, mode: str = "chunked") -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C); mode "parallel", "chunked" or "recurrent" (the same numbers); with a
+        cache, the chunked form continues from its state and updates it. positions are unused (no RoPE)."""
         split = self._heads(x)
         q, k, v = elu_feature_map(split(self.q_proj)), elu_feature_map(split(self.k_proj)), split(self.v_proj)
-        out = _run(mode, q, k, v, None, self.normalize, self.chunk_size)
+        out = self._mix(q, k, v, None, self.normalize, mode, padding_mask, cache)
         return self.o_proj(out.transpose(1, 2).reshape(x.shape))
 
 
-class GatedLinearAttention(nn.Module):
+class GatedLinearAttention(_LinearMixer):
     """Gated linear attention (Yang et al. 2024, section 4): a data-dependent decay per key channel,
     α_t = sigmoid(W_α2 W_α1 x_t)^{1/τ} (low-rank, τ = 16), no normalizer, an output gate SiLU(W_r x) and a
     per-head RMSNorm of the attention output."""
@@ -187,14 +235,15 @@ class GatedLinearAttention(nn.Module):
         self.alpha_up = nn.Linear(gate_rank, d_model, bias=True)
         self.norm = nn.RMSNorm(self.head_dim, eps=1e-6)
 
-    def forward(self, x: torch.Tensor, mode: str = "chunked") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, padding_mask=None, cache: LinearAttentionState | None = None,
+                positions=None, mode: str = "chunked") -> torch.Tensor:
         B, T, C = x.shape
-        split = LinearAttention._heads(self, x)
+        split = self._heads(x)
         q, k, v = split(self.q_proj) * self.head_dim ** -0.5, split(self.k_proj), split(self.v_proj)
         # log α = logsigmoid(·)/τ <= 0: the decay factor of every key channel at every step
         log_decay = F.logsigmoid(self.alpha_up(self.alpha_down(x))).view(B, T, self.n_heads, self.head_dim)
         log_decay = log_decay.transpose(1, 2) / self.temperature
-        out = self.norm(_run(mode, q, k, v, log_decay, False, self.chunk_size))  # (B, H, T, D)
+        out = self.norm(self._mix(q, k, v, log_decay, False, mode, padding_mask, cache))  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(B, T, C) * F.silu(self.r_proj(x))
         return self.o_proj(out)
 
@@ -209,7 +258,7 @@ def lightning_slopes(n_heads: int, layer: int, n_layers: int) -> torch.Tensor:
     return rates * (1 - layer / (n_layers - 1 + 1e-5) + 1e-5)
 
 
-class LightningAttention(nn.Module):
+class LightningAttention(_LinearMixer):
     """MiniMax-01's Lightning Attention layer: linear attention with a fixed per-head decay (no softmax, no
     1/√D, no normalizer), q, k, v through SiLU, an RMSNorm over all heads' outputs, a sigmoid output gate.
     The block algorithm of the paper (intra-block masked decay, inter-block state) is `linear_attention_chunked`
@@ -219,21 +268,22 @@ class LightningAttention(nn.Module):
                  block_size: int = 256, eps: float = 1e-6):
         super().__init__()
         head_dim = head_dim or d_model // n_heads
-        self.n_heads, self.head_dim, self.block_size = n_heads, head_dim, block_size
+        self.n_heads, self.head_dim, self.chunk_size = n_heads, head_dim, block_size
         self.qkv_proj = nn.Linear(d_model, 3 * n_heads * head_dim, bias=False)  # per head [q | k | v]
         self.norm = RMSNorm(n_heads * head_dim, eps, cast_before_weight=True)
         self.output_gate = nn.Linear(d_model, n_heads * head_dim, bias=False)
         self.out_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
         self.register_buffer("slopes", lightning_slopes(n_heads, layer, n_layers), persistent=False)
 
-    def forward(self, x: torch.Tensor, mode: str = "chunked") -> torch.Tensor:
-        """x (B, T, C) -> (B, T, C)."""
+    def forward(self, x: torch.Tensor, *, padding_mask=None, cache: LinearAttentionState | None = None,
+                positions=None, mode: str = "chunked") -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C); see LinearAttention.forward."""
         B, T, _ = x.shape
         H, D = self.n_heads, self.head_dim
         qkv = F.silu(self.qkv_proj(x)).view(B, T, H, 3 * D).transpose(1, 2)  # (B, H, T, 3D)
         q, k, v = qkv.split(D, dim=-1)
         log_decay = (-self.slopes).to(x.dtype)[None, :, None, None].expand(B, H, T, D)
-        out = _run(mode, q, k, v, log_decay, False, self.block_size)  # (B, H, T, D)
+        out = self._mix(q, k, v, log_decay, False, mode, padding_mask, cache)  # (B, H, T, D)
         out = self.norm(out.transpose(1, 2).reshape(B, T, H * D))
         return self.out_proj(torch.sigmoid(self.output_gate(x)) * out)
 
@@ -242,7 +292,7 @@ def _run(mode, q, k, v, log_decay, normalize, chunk_size):
     if mode == "parallel":
         return linear_attention_parallel(q, k, v, log_decay, normalize)
     if mode == "chunked":
-        return linear_attention_chunked(q, k, v, log_decay, normalize, chunk_size=chunk_size)
+        return linear_attention_chunked(q, k, v, log_decay, normalize, chunk_size=chunk_size)[0]
     if mode == "recurrent":
         return linear_attention_recurrent(q, k, v, log_decay, normalize)[0]
     raise ValueError(f"mode must be 'parallel', 'chunked' or 'recurrent', got {mode!r}")
