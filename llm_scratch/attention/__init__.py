@@ -2,6 +2,15 @@
 
 from llm_scratch.attention.gqa import GroupedQueryAttention
 from llm_scratch.attention.kv_cache import KVCache, MLACache, SlidingWindowKVCache, next_positions
+from llm_scratch.attention.linear import (
+    GatedLinearAttention,
+    LightningAttention,
+    LinearAttention,
+    LinearAttentionState,
+    linear_attention_chunked,
+    linear_attention_parallel,
+    linear_attention_recurrent,
+)
 from llm_scratch.attention.mha import MultiHeadAttention, load_from_torch
 from llm_scratch.attention.mla import MLAConfig, MultiHeadLatentAttention
 from llm_scratch.attention.sdpa import (
@@ -11,9 +20,30 @@ from llm_scratch.attention.sdpa import (
     scaled_dot_product_attention,
     sliding_window_mask,
 )
+from llm_scratch.attention.sparse import (
+    Indexer,
+    TopKSparseAttention,
+    sliding_window_attention,
+    sliding_window_pattern,
+    topk_select,
+    topk_sparse_attention,
+)
 
 __all__ = [
+    "GatedLinearAttention",
     "GroupedQueryAttention",
+    "Indexer",
+    "LightningAttention",
+    "LinearAttention",
+    "LinearAttentionState",
+    "TopKSparseAttention",
+    "linear_attention_chunked",
+    "linear_attention_parallel",
+    "linear_attention_recurrent",
+    "sliding_window_attention",
+    "sliding_window_pattern",
+    "topk_select",
+    "topk_sparse_attention",
     "KVCache",
     "MLACache",
     "MLAConfig",

@@ -25,6 +25,7 @@ from llm_scratch.models.deepseek_v3 import DeepSeekV3, DeepSeekV3Config
 from llm_scratch.models.gemma3 import Gemma3, Gemma3Config
 from llm_scratch.models.gpt2 import GPT2, GPT2Config
 from llm_scratch.models.llama3 import Llama3, Llama3Config
+from llm_scratch.models.mamba2 import Mamba2Config, Mamba2LM
 from llm_scratch.models.qwen3 import Qwen3, Qwen3Config
 from llm_scratch.position.rope import RopeScaling
 
@@ -285,6 +286,48 @@ def _drop_missing_mtp(hf: dict, state_keys) -> dict:
     return hf
 
 
+# --- Mamba-2 -----------------------------------------------------------------------------------------
+
+
+def _json_float(value) -> float:
+    """A float from config.json: transformers 5 writes infinity as {"__float__": "Infinity"} (JSON has no inf)."""
+    if isinstance(value, dict) and set(value) == {"__float__"}:
+        return float(value["__float__"])
+    return float(value)
+
+
+def _mamba2_config(hf: dict) -> Mamba2Config:
+    _check_unsupported(hf, hidden_act=("silu",))
+    if hf["hidden_size"] * hf.get("expand", 2) != hf["num_heads"] * hf["head_dim"]:
+        raise ValueError(f"mamba2 config: hidden_size·expand ({hf['hidden_size'] * hf.get('expand', 2)}) must equal "
+                         f"num_heads·head_dim ({hf['num_heads'] * hf['head_dim']})")
+    return Mamba2Config(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                        d_state=hf["state_size"], head_dim=hf["head_dim"], expand=hf.get("expand", 2),
+                        n_groups=hf.get("n_groups", 8), conv_kernel=hf.get("conv_kernel", 4),
+                        chunk_size=hf.get("chunk_size", 256), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                        bias=hf.get("use_bias", False), conv_bias=hf.get("use_conv_bias", True),
+                        dt_limit=tuple(_json_float(v) for v in hf.get("time_step_limit", (0.0, float("inf")))),
+                        tie_embeddings=hf.get("tie_word_embeddings", False))
+
+
+def _mamba2_weights(state: dict[str, torch.Tensor], cfg: Mamba2Config) -> dict[str, torch.Tensor]:
+    """backbone.embeddings / backbone.layers.i.{norm, mixer.*} / backbone.norm_f / lm_head -> embed / blocks.i.* /
+    norm / lm_head. The mixer's names and layouts are the same on both sides (ours follow `Mamba2Mixer`)."""
+    out: dict[str, torch.Tensor] = {}
+    embed_key = "backbone.embeddings.weight" if "backbone.embeddings.weight" in state else "backbone.embedding.weight"
+    for key, value in state.items():
+        if key == "lm_head.weight" and cfg.tie_embeddings:
+            if not torch.equal(value, state[embed_key]):
+                raise ValueError("lm_head.weight differs from the embedding but the config ties them")
+            continue
+        m = re.fullmatch(r"backbone\.layers\.(\d+)\.(.+)", key)
+        if m is not None:
+            out[f"blocks.{m.group(1)}.{m.group(2)}"] = value
+            continue
+        out[{embed_key: "embed.weight", "backbone.norm_f.weight": "norm.weight"}.get(key, key)] = value
+    return out
+
+
 # model_type -> (config translator, weight mapper, model class)
 _ARCHITECTURES: dict[str, tuple[Callable, Callable, type[nn.Module]]] = {
     "gpt2": (_gpt2_config, _gpt2_weights, GPT2),
@@ -292,6 +335,7 @@ _ARCHITECTURES: dict[str, tuple[Callable, Callable, type[nn.Module]]] = {
     "qwen3": (_qwen3_config, _llama_family_weights(_LLAMA_LAYER_NAMES), Qwen3),
     "gemma3_text": (_gemma3_config, _llama_family_weights(_GEMMA_LAYER_NAMES), Gemma3),
     "deepseek_v3": (_deepseek_v3_config, _deepseek_v3_weights, DeepSeekV3),
+    "mamba2": (_mamba2_config, _mamba2_weights, Mamba2LM),
 }
 SUPPORTED_MODEL_TYPES = tuple(_ARCHITECTURES)
 
