@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llm_scratch.attention.gqa import GroupedQueryAttention
 from llm_scratch.attention.sdpa import causal_mask, sliding_window_mask
 
 __all__ = [
@@ -232,7 +233,7 @@ def topk_sparse_attention(
     return out.reshape(B, H, T, v.shape[-1])
 
 
-class TopKSparseAttention(nn.Module):
+class TopKSparseAttention(GroupedQueryAttention):
     """Causal self-attention in which each query attends only to the top_k past tokens that a
     lightning indexer scores highest (DeepSeek Sparse Attention, DeepSeek-V3.2-Exp report, section 1).
 
@@ -248,6 +249,7 @@ class TopKSparseAttention(nn.Module):
 
     The top-k choice is discrete, so no gradient reaches the indexer through the output; DSA
     trains it with its own KL loss towards the main attention's distribution: `indexer_loss`.
+    The projections (and `project`) are grouped-query attention's; only how keys are chosen differs.
     """
 
     def __init__(
@@ -261,33 +263,10 @@ class TopKSparseAttention(nn.Module):
         index_head_dim: int = 16,
         bias: bool = False,
     ):
-        super().__init__()
-        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
-        for name, value in (("d_model", d_model), ("n_heads", n_heads), ("n_kv_heads", n_kv_heads)):
-            _check_positive_int(name, value, "a size")
+        super().__init__(d_model, n_heads, n_kv_heads, head_dim, bias=bias)
         _check_positive_int("top_k", top_k, "keys each query keeps")
-        if n_heads % n_kv_heads:
-            raise ValueError(f"n_kv_heads ({n_kv_heads}) must divide n_heads ({n_heads})")
-        if head_dim is None:
-            if d_model % n_heads:
-                raise ValueError(f"n_heads ({n_heads}) must divide d_model ({d_model}) when head_dim is not given")
-            head_dim = d_model // n_heads
-        self.d_model, self.n_heads, self.n_kv_heads, self.head_dim = d_model, n_heads, n_kv_heads, head_dim
         self.top_k = top_k
-        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias)
         self.indexer = Indexer(d_model, index_heads, index_head_dim)
-
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, T, C) -> q (B, H, T, D), k and v (B, K, T, D)."""
-        B, T, _ = x.shape
-        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, K, D).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, K, D).transpose(1, 2)
-        return q, k, v
 
     def _check_x(self, x: torch.Tensor) -> None:
         if x.dim() != 3 or x.shape[-1] != self.d_model:
