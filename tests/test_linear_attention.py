@@ -23,11 +23,14 @@ def _inputs(dtype, decay, T=37, seed=0):
         None: None,
         "per-head": torch.tensor([-0.05, -0.3, -1.0], dtype=dtype)[None, :, None, None].expand(2, 3, T, 8),
         "gated": torch.nn.functional.logsigmoid(torch.randn(2, 3, T, 8, generator=g, dtype=dtype) + 2),
+        # strong decay: over all 37 tokens the log-decay passes -30 (the exact path: parallel form, chunks of 64)
+        # while chunks of 8 and 10 stay above it (the factorized path), so both ways of computing weights run
+        "strong": torch.nn.functional.logsigmoid(torch.randn(2, 3, T, 8, generator=g, dtype=dtype) - 2),
     }[decay]
     return q, k, v, log_decay
 
 
-@pytest.mark.parametrize("decay", [None, "per-head", "gated"])
+@pytest.mark.parametrize("decay", [None, "per-head", "gated", "strong"])
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize(("dtype", "atol"), [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 def test_parallel_chunked_recurrent_agree(decay, normalize, dtype, atol):
