@@ -187,7 +187,120 @@ def bench_gpt2(device: torch.device, quick: bool) -> None:
         print(f"{name:>16} {new / t * 1e3:>10,.0f}")
 
 
-BENCHMARKS = [bench_sdpa_paths, bench_kv_cache_decode, bench_bpe, bench_gpt2]
+MIXERS = ("softmax (fused SDPA)", "linear, chunked", "SSD, chunked", "SSD, sequential")
+_MIXER_H, _MIXER_D, _MIXER_N, _MIXER_CHUNK = 8, 64, 64, 64  # heads, head dim, SSD state size, chunk length
+
+
+def _mixer_call(name: str, T: int, device: torch.device):
+    """Inputs of one sequence mixer for a batch of one T-token sequence, and a closure that runs it (no grad)."""
+    import torch.nn.functional as F
+
+    from llm_scratch.attention.linear import linear_attention_chunked
+    from llm_scratch.ssm.mamba2 import ssd_chunked, ssd_sequential
+
+    H, D, N = _MIXER_H, _MIXER_D, _MIXER_N
+    g = torch.Generator(device="cpu").manual_seed(0)
+    if name in MIXERS[:2]:
+        q, k, v = (torch.randn(1, H, T, D, generator=g).to(device) for _ in range(3))
+        if name == MIXERS[0]:
+            return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        q, k = F.elu(q) + 1, F.elu(k) + 1
+        log_decay = torch.full((1, H, T, D), -0.01, device=device)
+        return lambda: linear_attention_chunked(q, k, v, log_decay, chunk_size=_MIXER_CHUNK)
+    x = torch.randn(1, T, H, D, generator=g).to(device)
+    dt = torch.rand(1, T, H, generator=g).to(device) * 0.1
+    A = -torch.rand(H, generator=g).to(device)
+    B, C = (torch.randn(1, T, 1, N, generator=g).to(device) for _ in range(2))
+    if name == MIXERS[2]:
+        return lambda: ssd_chunked(x, dt, A, B, C, chunk_size=_MIXER_CHUNK)
+    return lambda: ssd_sequential(x, dt, A, B, C)
+
+
+class _PeakTensorBytes:
+    """Peak bytes of the tensors an operation creates and keeps alive, measured by intercepting every aten call
+    (a TorchDispatchMode): each new output storage is counted when made and uncounted when its tensor dies.
+    What CUDA's allocator peak reports, without caching slack, and available on the CPU too. (A view that
+    outlives its base is uncounted early; the mixers here do not keep such views.)"""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in torch.utils._pytree.tree_leaves(out):
+                    if isinstance(t, torch.Tensor):
+                        tracker._add(t)
+                return out
+
+        self.mode, self.live, self.peak, self._owned = Mode(), 0, 0, set()
+
+    def _add(self, t: torch.Tensor) -> None:
+        import weakref
+
+        storage = t.untyped_storage()
+        key, n = storage.data_ptr(), storage.nbytes()
+        if key in self._owned or n == 0:
+            return  # an in-place result or a view of something already counted
+        self._owned.add(key)
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(t, self._free, key, n)
+
+    def _free(self, key: int, n: int) -> None:
+        self._owned.discard(key)
+        self.live -= n
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+def _peak_memory_mib(name: str, T: int, device: torch.device) -> float:
+    """Extra peak memory of one call beyond its inputs (CUDA: the allocator's peak; CPU: _PeakTensorBytes)."""
+    fn = _mixer_call(name, T, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.no_grad():
+            fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    with torch.no_grad(), _PeakTensorBytes() as tracker:
+        fn()
+    return tracker.peak / 2**20
+
+
+@torch.no_grad()
+def bench_mixers(device: torch.device, quick: bool) -> None:
+    """Run time and peak memory vs sequence length for softmax attention (fused SDPA), chunked linear attention,
+    and Mamba-2's SSD, chunked and sequential; batch 1, 8 heads of 64, SSD state 64, chunks of 64."""
+    lengths = (1024, 2048) if quick else (1024, 2048, 4096, 8192, 16384)
+    print(f"\nsequence mixers, batch 1, H={_MIXER_H} D={_MIXER_D}, SSD N={_MIXER_N}, chunk {_MIXER_CHUNK}: "
+          "ms (median) / extra peak MiB")
+    print(f"{'T':>6} " + " ".join(f"{name:>24}" for name in MIXERS))
+    times: dict[str, list[float]] = {name: [] for name in MIXERS}
+    for T in lengths:
+        row = []
+        for name in MIXERS:
+            repeats = 1 if name == MIXERS[3] else (2 if quick else 3)
+            ms = timeit(_mixer_call(name, T, device), device, repeats)
+            times[name].append(ms)
+            row.append(f"{ms:>10.1f} / {_peak_memory_mib(name, T, device):>9.1f}")
+        print(f"{T:>6} " + " ".join(f"{cell:>24}" for cell in row))
+    for name in MIXERS[1:3]:
+        faster = [T for T, a, b in zip(lengths, times[name], times[MIXERS[0]], strict=True) if a < b]
+        print(f"first length where {name} beats softmax: {faster[0] if faster else f'none up to {lengths[-1]}'}")
+    print(f"chunked / sequential SSD speed-up at T={lengths[-1]}: {times[MIXERS[3]][-1] / times[MIXERS[2]][-1]:.1f}x")
+
+
+BENCHMARKS = [bench_sdpa_paths, bench_kv_cache_decode, bench_bpe, bench_gpt2, bench_mixers]
 
 
 def main() -> None:
