@@ -23,6 +23,7 @@ from llm_scratch.attention.sdpa import (
 from llm_scratch.attention.sparse import (
     Indexer,
     TopKSparseAttention,
+    selection_to_mask,
     sliding_window_attention,
     sliding_window_pattern,
     topk_select,
@@ -37,6 +38,7 @@ __all__ = [
     "LinearAttention",
     "LinearAttentionState",
     "TopKSparseAttention",
+    "selection_to_mask",
     "linear_attention_chunked",
     "linear_attention_parallel",
     "linear_attention_recurrent",

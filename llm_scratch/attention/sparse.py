@@ -228,7 +228,7 @@ def topk_sparse_attention(
     qg = q.reshape(B, K, G, T, D)
     scores = torch.einsum("bkgtd,btskd->bkgts", qg, k_sel) * scale  # (B, K, G, T, S)
     scores = scores.masked_fill(~valid[:, None, None], float("-inf"))
-    weights = torch.softmax(scores, dim=-1)  # slot 0 is always valid (a query sees itself), no NaN
+    weights = torch.softmax(scores, dim=-1)  # slot 0 (the best-scored key) is always valid: no NaN
     out = torch.einsum("bkgts,btskd->bkgtd", weights, v_sel)  # (B, K, G, T, Dv)
     return out.reshape(B, H, T, v.shape[-1])
 
