@@ -1,0 +1,177 @@
+"""Instruction tasks with answers a program can check, generated offline from a seed.
+
+Fine-tuning, preference and RL chapters need prompts whose answers can be graded automatically, and nothing
+may be downloaded. Each `Example` has an instruction, an optional input, the reference answer, and
+`check(answer)`, which grades a generated answer: numbers compared as numbers ("12" = "12.0" = " 12 "),
+text compared with runs of whitespace collapsed.
+
+Families: arithmetic ("add", "subtract", "multiply", 1-3 digit operands; "word_problem"), string tasks
+("reverse", "uppercase", "count_letter", "sort_digits", on words of Tiny Shakespeare), and a language task
+from the corpus ("speaker": which character speaks this line).
+
+Splits never share an example: an example's split is decided by a hash of its text (instruction + input),
+not by the order it was drawn in, so train / validation / test are disjoint by construction, and the same
+seed gives the same examples on any machine (Python's `random.Random` and SHA-256 are platform-independent).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+__all__ = ["FAMILIES", "SPLITS", "Example", "make_tasks", "split_of"]
+
+SPLITS = {"train": (0.0, 0.8), "validation": (0.8, 0.9), "test": (0.9, 1.0)}  # shares of the hash range
+NUMERIC = {"add", "subtract", "multiply", "word_problem", "count_letter"}
+
+
+@dataclass(frozen=True)
+class Example:
+    family: str
+    instruction: str
+    input: str
+    answer: str
+
+    def check(self, answer: str) -> bool:
+        """True if `answer` (e.g. a model's generation, stripped of its end-of-turn token) is right."""
+        if self.family in NUMERIC:
+            return _as_number(answer) is not None and _as_number(answer) == _as_number(self.answer)
+        return " ".join(answer.split()) == " ".join(self.answer.split())
+
+    @property
+    def key(self) -> str:
+        return f"{self.family}\n{self.instruction}\n{self.input}"
+
+
+def _as_number(text: str) -> float | None:
+    text = text.strip().replace(",", "")
+    if not re.fullmatch(r"[-+]?\d+(\.\d*)?", text):
+        return None
+    return float(text)
+
+
+def split_of(example: Example) -> str:
+    """The split an example belongs to, from a SHA-256 of its text (the same on every machine)."""
+    u = int(hashlib.sha256(example.key.encode()).hexdigest()[:12], 16) / 16**12  # uniform in [0, 1)
+    return next(name for name, (lo, hi) in SPLITS.items() if lo <= u < hi)
+
+
+def _operand(rng: random.Random) -> int:
+    digits = rng.randint(1, 3)
+    return rng.randint(10 ** (digits - 1) if digits > 1 else 0, 10**digits - 1)
+
+
+def _add(rng, words, lines):
+    a, b = _operand(rng), _operand(rng)
+    return Example("add", f"What is {a} + {b}?", "", str(a + b))
+
+
+def _subtract(rng, words, lines):
+    a, b = _operand(rng), _operand(rng)
+    return Example("subtract", f"What is {a} - {b}?", "", str(a - b))
+
+
+def _multiply(rng, words, lines):
+    a, b = _operand(rng), _operand(rng)
+    return Example("multiply", f"What is {a} * {b}?", "", str(a * b))
+
+
+def _word_problem(rng, words, lines):
+    name = rng.choice(["Anne", "Ben", "Clara", "Duncan", "Emilia", "Feste"])
+    thing = rng.choice(["apples", "coins", "letters", "candles", "roses"])
+    a, b = rng.randint(2, 99), rng.randint(1, 99)
+    if rng.random() < 0.5:
+        return Example("word_problem", f"{name} has {a} {thing} and gets {b} more. How many {thing} does "
+                       f"{name} have now?", "", str(a + b))
+    a, b = max(a, b), min(a, b)
+    return Example("word_problem", f"{name} has {a} {thing} and gives away {b}. How many {thing} does "
+                   f"{name} have left?", "", str(a - b))
+
+
+def _reverse(rng, words, lines):
+    word = rng.choice(words)
+    return Example("reverse", "Reverse the letters of this word.", word, word[::-1])
+
+
+def _uppercase(rng, words, lines):
+    word = rng.choice(words)
+    return Example("uppercase", "Write this word in capital letters.", word, word.upper())
+
+
+def _count_letter(rng, words, lines):
+    word = rng.choice(words)
+    letter = rng.choice(sorted(set(word))) if rng.random() < 0.8 else rng.choice("aeiourst")
+    return Example("count_letter", f"How many times does the letter '{letter}' appear in this word?", word,
+                   str(word.count(letter)))
+
+
+def _sort_digits(rng, words, lines):
+    digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(3, 8)))
+    return Example("sort_digits", "Sort these digits from smallest to largest.", digits, "".join(sorted(digits)))
+
+
+def _speaker(rng, words, lines):
+    speaker, line = rng.choice(lines)
+    return Example("speaker", "Which character speaks this line?", line, speaker)
+
+
+FAMILIES: dict[str, Callable] = {"add": _add, "subtract": _subtract, "multiply": _multiply,
+                                 "word_problem": _word_problem, "reverse": _reverse, "uppercase": _uppercase,
+                                 "count_letter": _count_letter, "sort_digits": _sort_digits, "speaker": _speaker}
+
+
+@lru_cache(maxsize=1)
+def _corpus_material() -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """Words (4-9 lowercase letters) and (speaker, line) pairs of Tiny Shakespeare, in corpus order."""
+    from llm_scratch.data import load_corpus
+
+    text = load_corpus("tinyshakespeare")
+    words = tuple(sorted(set(re.findall(r"\b[a-z]{4,9}\b", text))))
+    lines = []
+    for block in text.split("\n\n"):
+        head, _, speech = block.partition("\n")
+        if head.endswith(":") and speech:
+            first = speech.split("\n")[0].strip()
+            if len(first.split()) >= 4:  # long enough to carry some style
+                lines.append((head[:-1], first))
+    return words, tuple(lines)
+
+
+def make_tasks(n_per_family: int, split: str = "train", seed: int = 0,
+               families: list[str] | tuple[str, ...] | None = None) -> list[Example]:
+    """n_per_family distinct examples of each family that belong to `split`, drawn with `seed`.
+
+    Candidates are drawn from one seeded stream per family and kept when their hash puts them in `split`,
+    so asking for more examples extends the list without changing its start.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if not isinstance(n_per_family, int) or n_per_family < 1:
+        raise ValueError(f"n_per_family must be a positive int, got {n_per_family!r}")
+    families = list(FAMILIES) if families is None else list(families)
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown task families {unknown}; known: {', '.join(FAMILIES)}")
+    words, lines = _corpus_material() if set(families) & {"reverse", "uppercase", "count_letter",
+                                                          "speaker"} else ((), ())
+    out: list[Example] = []
+    for family in families:
+        rng = random.Random(f"{seed}:{family}")  # a string seed is hashed the same way on every platform
+        seen: set[str] = set()
+        kept: list[Example] = []
+        for _ in range(200 * n_per_family):
+            ex = FAMILIES[family](rng, words, lines)
+            if ex.key in seen or split_of(ex) != split:
+                continue
+            seen.add(ex.key)
+            kept.append(ex)
+            if len(kept) == n_per_family:
+                break
+        else:
+            raise ValueError(f"family {family!r} has fewer than {n_per_family} distinct {split} examples")
+        out.extend(kept)
+    return out

@@ -1,0 +1,58 @@
+"""The offline task generator: deterministic, disjoint splits, checkers that grade hard cases correctly."""
+
+import hashlib
+
+import pytest
+
+from llm_scratch.tasks import FAMILIES, Example, make_tasks, split_of
+
+
+def test_same_seed_same_examples_and_stable_prefix():
+    a = make_tasks(20, "train", seed=3)
+    assert a == make_tasks(20, "train", seed=3)
+    longer = make_tasks(30, "train", seed=3)
+    for family in FAMILIES:  # asking for more extends each family's list without changing its start
+        assert [e for e in longer if e.family == family][:20] == [e for e in a if e.family == family]
+    assert a != make_tasks(20, "train", seed=4)
+    assert {e.family for e in a} == set(FAMILIES) and len(a) == 20 * len(FAMILIES)
+    # a fingerprint of the whole list: any change in generation (platform, Python version) fails here
+    digest = hashlib.sha256("\n".join(f"{e.key}\n{e.answer}" for e in make_tasks(5, "test", seed=0)).encode())
+    assert digest.hexdigest() == FINGERPRINT
+
+
+FINGERPRINT = "bd0832075de56b5f63905c9e85635481d4baada30167e9476523c7fd59943914"  # make_tasks(5, "test", seed=0)
+
+
+def test_splits_are_disjoint_and_self_consistent():
+    splits = {s: make_tasks(40, s, seed=0) for s in ("train", "validation", "test")}
+    keys = {s: {e.key for e in ex} for s, ex in splits.items()}
+    assert not keys["train"] & keys["validation"] and not keys["train"] & keys["test"]
+    assert not keys["validation"] & keys["test"]
+    assert all(split_of(e) == s for s, ex in splits.items() for e in ex)
+    assert all(len(k) == 40 * len(FAMILIES) for k in keys.values())  # no duplicates within a split
+
+
+def test_every_reference_answer_passes_its_own_check():
+    for e in make_tasks(50, "validation", seed=1):
+        assert e.check(e.answer) and e.check(f"  {e.answer} \n"), e
+
+
+def test_checker_hard_cases():
+    num = Example("add", "What is 7 + 5?", "", "12")
+    assert num.check("12") and num.check(" 12.0 ") and num.check("+12")
+    assert Example("multiply", "What is 50 * 25?", "", "1250").check("1,250")
+    assert not num.check("12 apples") and not num.check("13") and not num.check("") and not num.check("twelve")
+    neg = Example("subtract", "What is 5 - 7?", "", "-2")
+    assert neg.check("-2") and not neg.check("2")
+    text = Example("speaker", "Which character speaks this line?", "x", "First Citizen")
+    assert text.check("First  Citizen") and text.check("First Citizen\n") and not text.check("first citizen")
+    assert not text.check("First Citizen.")
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="split must be one of train, validation, test"):
+        make_tasks(1, "dev")
+    with pytest.raises(ValueError, match=r"unknown task families \['divide'\]"):
+        make_tasks(1, families=["add", "divide"])
+    with pytest.raises(ValueError, match="n_per_family must be a positive int"):
+        make_tasks(0)
