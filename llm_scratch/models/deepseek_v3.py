@@ -24,7 +24,6 @@ The head is untied; norms are RMSNorm (ε 1e-6) with Llama's rounding order.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +32,7 @@ from torch import nn
 from llm_scratch.attention import MLAConfig, MultiHeadLatentAttention, next_positions
 from llm_scratch.ffn import SwiGLU
 from llm_scratch.models.gpt2 import check_input_ids
+from llm_scratch.models.presets import PresetConfig
 from llm_scratch.moe import DeepSeekMoE, moe_layers
 from llm_scratch.norm import RMSNorm
 from llm_scratch.training.losses import cross_entropy_loss
@@ -45,7 +45,7 @@ DEEPSEEK_V3_YARN = {"rope_type": "yarn", "factor": 40.0, "original_max_position_
 
 
 @dataclass
-class DeepSeekV3Config:
+class DeepSeekV3Config(PresetConfig):
     """Defaults are DeepSeek-V3's (671B). Names follow Hugging Face's DeepseekV3Config where they differ
     from ours only in spelling: n_routed_experts, n_experts_per_tok, n_group, topk_group, ..."""
 
@@ -100,11 +100,6 @@ class DeepSeekV3Config:
             raise ValueError(f"topk_group ({self.topk_group}) must be in [1, n_group={self.n_group}]")
         self.mla_config()  # validates the attention sizes
 
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> DeepSeekV3Config:
-        if name not in cls.presets:
-            raise ValueError(f"unknown {cls.__name__} preset {name!r}; known: {', '.join(cls.presets)}")
-        return cls(**{**cls.presets[name], **overrides})
 
     def mla_config(self) -> MLAConfig:
         return MLAConfig(d_model=self.d_model, n_heads=self.n_heads, kv_lora_rank=self.kv_lora_rank,
@@ -112,8 +107,6 @@ class DeepSeekV3Config:
                          qk_rope_head_dim=self.qk_rope_head_dim, v_head_dim=self.v_head_dim, rope_base=self.rope_base,
                          rope_interleaved=self.rope_interleaved, rope_scaling=self.rope_scaling, norm_eps=self.norm_eps)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 class DeepSeekV3Block(nn.Module):

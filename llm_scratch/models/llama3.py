@@ -17,7 +17,6 @@ changed in five places:
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +26,7 @@ from llm_scratch.attention import GroupedQueryAttention, KVCache, next_positions
 from llm_scratch.embedding import TiedLMHead
 from llm_scratch.ffn import SwiGLU
 from llm_scratch.models.gpt2 import check_input_ids
+from llm_scratch.models.presets import PresetConfig
 from llm_scratch.norm import RMSNorm
 from llm_scratch.position.rope import RopeScaling, RotaryEmbedding
 
@@ -53,7 +53,7 @@ def _check_positive_ints(cfg, names) -> None:
 
 
 @dataclass
-class Llama3Config:
+class Llama3Config(PresetConfig):
     """Defaults are Llama 3.2 1B's.
 
     head_dim: None means d_model / n_heads.
@@ -99,15 +99,7 @@ class Llama3Config:
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
 
-    @classmethod
-    def from_preset(cls, name: str, **overrides):
-        """A released size by name; `cls.presets` lists them. Keyword overrides win (e.g. a shorter context)."""
-        if name not in cls.presets:
-            raise ValueError(f"unknown {cls.__name__} preset {name!r}; known: {', '.join(cls.presets)}")
-        return cls(**{**cls.presets[name], **overrides})
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 class LlamaBlock(nn.Module):

@@ -10,7 +10,6 @@ carries a constant-size state per layer (`init_caches`) instead of a KV cache th
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from llm_scratch.embedding import TiedLMHead
+from llm_scratch.models.presets import PresetConfig
 from llm_scratch.norm import RMSNorm
 from llm_scratch.ssm import Mamba2, Mamba2State
 
@@ -31,7 +31,7 @@ _PRESETS = {
 
 
 @dataclass
-class Mamba2Config:
+class Mamba2Config(PresetConfig):
     """Defaults are Mamba-Codestral 7B's (Hugging Face's `Mamba2Config` defaults).
 
     expand·d_model channels inside each mixer, in (expand·d_model) / head_dim heads; n_groups groups of heads
@@ -77,15 +77,7 @@ class Mamba2Config:
     def n_heads(self) -> int:
         return self.expand * self.d_model // self.head_dim
 
-    @classmethod
-    def from_preset(cls, name: str, **overrides):
-        """A released size by name; `cls.presets` lists them. Keyword overrides win."""
-        if name not in cls.presets:
-            raise ValueError(f"unknown {cls.__name__} preset {name!r}; known: {', '.join(cls.presets)}")
-        return cls(**{**cls.presets[name], **overrides})
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 class Mamba2Block(nn.Module):
