@@ -127,6 +127,7 @@ class GroupedQueryAttention(nn.Module):
         padding_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
         naive: bool = False,
     ) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C).
@@ -135,10 +136,14 @@ class GroupedQueryAttention(nn.Module):
             padding of earlier tokens, so pass only the new tokens' mask.
         cache: appended to with this call's keys and values; queries attend over all of it.
         positions: (T,) or (B, T) RoPE positions; default cache.length + 0..T-1.
+        attn_mask: (B, T, Tk) bool, True = query may attend to key; combined with the causal (or window)
+            and padding masks, e.g. the block-diagonal mask of packed sequences.
         naive: use the explicit softmax(QKᵀ/√D)V path instead of the fused kernel.
         """
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape (B, T, {self.d_model}), got {tuple(x.shape)}")
+        if attn_mask is not None and attn_mask.dim() != 3:
+            raise ValueError(f"attn_mask must have shape (B, T, Tk), got {tuple(attn_mask.shape)}")
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.project(x)  # (B, H, T, D), (B, K, T, D), (B, K, T, D)
@@ -147,6 +152,7 @@ class GroupedQueryAttention(nn.Module):
             k, v, padding_mask = cache.update(k, v, padding_mask)
         out = scaled_dot_product_attention(
             q, k, v,
+            attn_mask=None if attn_mask is None else attn_mask[:, None],  # (B, 1, T, Tk): same for every head
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=self.causal,
             enable_gqa=K != H,

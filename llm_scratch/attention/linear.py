@@ -43,6 +43,14 @@ __all__ = [
 ]
 
 
+def refuse_attn_mask(attn_mask) -> None:
+    """Recurrent mixers carry one state along the sequence: a packed row's block-diagonal mask cannot be
+    honoured (the state would leak from one example into the next), so refuse it instead of ignoring it."""
+    if attn_mask is not None:
+        raise ValueError("attn_mask (packed sequences) is not supported by linear attention or Mamba-2 layers: "
+                         "their recurrent state would carry across segments; pass one sequence per row")
+
+
 def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
     """φ(x) = elu(x) + 1 > 0 (Katharopoulos et al. 2020, section 3.2.1)."""
     return F.elu(x) + 1
@@ -216,9 +224,10 @@ class LinearAttention(_LinearMixer):
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d_model, d_model, bias=False) for _ in range(4))
 
     def forward(self, x: torch.Tensor, *, padding_mask=None, cache: LinearAttentionState | None = None,
-                positions=None, mode: str = "chunked") -> torch.Tensor:
+                positions=None, mode: str = "chunked", attn_mask=None) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C); mode "parallel", "chunked" or "recurrent" (the same numbers); with a
         cache, the chunked form continues from its state and updates it. positions are unused (no RoPE)."""
+        refuse_attn_mask(attn_mask)
         split = self._heads(x)
         q, k, v = elu_feature_map(split(self.q_proj)), elu_feature_map(split(self.k_proj)), split(self.v_proj)
         out = self._mix(q, k, v, None, self.normalize, mode, padding_mask, cache)
@@ -244,7 +253,8 @@ class GatedLinearAttention(_LinearMixer):
         self.norm = nn.RMSNorm(self.head_dim, eps=1e-6)
 
     def forward(self, x: torch.Tensor, *, padding_mask=None, cache: LinearAttentionState | None = None,
-                positions=None, mode: str = "chunked") -> torch.Tensor:
+                positions=None, mode: str = "chunked", attn_mask=None) -> torch.Tensor:
+        refuse_attn_mask(attn_mask)
         B, T, C = x.shape
         split = self._heads(x)
         q, k, v = split(self.q_proj) * self.head_dim ** -0.5, split(self.k_proj), split(self.v_proj)
@@ -284,8 +294,9 @@ class LightningAttention(_LinearMixer):
         self.register_buffer("slopes", lightning_slopes(n_heads, layer, n_layers), persistent=False)
 
     def forward(self, x: torch.Tensor, *, padding_mask=None, cache: LinearAttentionState | None = None,
-                positions=None, mode: str = "chunked") -> torch.Tensor:
+                positions=None, mode: str = "chunked", attn_mask=None) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C); see LinearAttention.forward."""
+        refuse_attn_mask(attn_mask)
         B, T, _ = x.shape
         H, D = self.n_heads, self.head_dim
         qkv = F.silu(self.qkv_proj(x)).view(B, T, H, 3 * D).transpose(1, 2)  # (B, H, T, 3D)

@@ -102,8 +102,9 @@ class Gemma3Block(nn.Module):
             make_norm(cfg.d_model)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, padding_mask=None, cache=None, positions=None):
-        h = self.attn(self.attn_norm(x), padding_mask=padding_mask, cache=cache, positions=positions)
+    def forward(self, x, padding_mask=None, cache=None, positions=None, attn_mask=None):
+        h = self.attn(self.attn_norm(x), padding_mask=padding_mask, cache=cache, positions=positions,
+                      attn_mask=attn_mask)
         x = x + self.dropout(self.post_attn_norm(h))
         return x + self.dropout(self.post_mlp_norm(self.mlp(self.mlp_norm(x))))
 

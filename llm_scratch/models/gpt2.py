@@ -86,8 +86,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg.d_model, 4 * cfg.d_model, activation="gelu_tanh", bias=True)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, padding_mask=None, cache=None):
-        x = x + self.dropout(self.attn(self.ln_1(x), padding_mask=padding_mask, cache=cache))
+    def forward(self, x, padding_mask=None, cache=None, attn_mask=None):
+        x = x + self.dropout(self.attn(self.ln_1(x), padding_mask=padding_mask, cache=cache, attn_mask=attn_mask))
         return x + self.dropout(self.mlp(self.ln_2(x)))
 
 
@@ -123,23 +123,31 @@ class GPT2(nn.Module):
             raise ValueError(f"max_len {max_len} exceeds the context length {self.cfg.context_length}")
         return [block.attn.init_cache(batch_size, max_len, dtype=dtype, device=device) for block in self.blocks]
 
-    def forward(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                caches: list[KVCache] | None = None, positions: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only.
+    def hidden_states(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                      caches: list[KVCache] | None = None, positions: torch.Tensor | None = None,
+                      attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> the final LayerNorm's output (B, T, C), what the LM head (or a classifier) reads.
 
         padding_mask: (B, T) True for real tokens (pad on the left for generation). Positions then
             count real tokens only, so a left-padded sequence gets the same positions as unpadded.
         caches: from init_caches; each call appends this call's keys and values.
         positions: (B, T) or (T,) position ids, overriding the default.
-        last_only: compute the logits of the last position only (what generation needs).
+        attn_mask: (B, T, Tk) bool, True = may attend, on top of the causal mask (packed sequences).
         """
         check_input_ids(input_ids, caches, self.cfg.context_length)
         if positions is None:
             positions = next_positions(caches, input_ids, padding_mask)  # real tokens only: padding shifts nothing
         x = self.dropout(self.wte(input_ids) + self.wpe(positions))  # (B, T, C)
         for i, block in enumerate(self.blocks):
-            x = block(x, padding_mask=padding_mask, cache=caches[i] if caches else None)
+            x = block(x, padding_mask=padding_mask, cache=caches[i] if caches else None, attn_mask=attn_mask)
+        return self.ln_f(x)
+
+    def forward(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                caches: list[KVCache] | None = None, positions: torch.Tensor | None = None,
+                last_only: bool = False, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only (what generation needs).
+        The other arguments are hidden_states'."""
+        h = self.hidden_states(input_ids, padding_mask, caches, positions, attn_mask)
         if last_only:  # generation needs the next token's logits only: skip the (T-1)·C·V head flops
-            x = x[:, -1:]
-        return self.lm_head(self.ln_f(x))  # (B, T, V)
+            h = h[:, -1:]
+        return self.lm_head(h)  # (B, T, V)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from llm_scratch.attention.linear import GatedLinearAttention, LightningAttention
+from llm_scratch.attention.linear import GatedLinearAttention, LightningAttention, refuse_attn_mask
 from llm_scratch.models.llama3 import Llama3, Llama3Config
 from llm_scratch.ssm.mamba2 import Mamba2, Mamba2State
 
@@ -35,7 +35,8 @@ class Mamba2Mixer(Mamba2):
     def init_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> Mamba2State:
         return self.init_state(batch_size, dtype=dtype, device=device)  # fixed size: max_len is not needed
 
-    def forward(self, x, *, padding_mask=None, cache: Mamba2State | None = None, positions=None):
+    def forward(self, x, *, padding_mask=None, cache: Mamba2State | None = None, positions=None, attn_mask=None):
+        refuse_attn_mask(attn_mask)
         if padding_mask is not None and not bool(padding_mask.all()):
             raise ValueError("Mamba-2 layers do not support padding (the state would absorb the pads)")
         return super().forward(x, state=cache)

@@ -36,7 +36,21 @@ from llm_scratch.checkpoint import load_tensors, save_tensors
 from llm_scratch.device import get_device, get_rng_states, set_rng_states
 from llm_scratch.training.losses import count_targets, cross_entropy_loss
 
-__all__ = ["ResumableBatches", "TrainConfig", "Trainer", "lr_at", "param_groups"]
+__all__ = ["ResumableBatches", "TrainConfig", "Trainer", "lr_at", "param_groups", "stack_pairs"]
+
+Batch = tuple[torch.Tensor | dict[str, torch.Tensor], torch.Tensor]  # (model inputs, targets)
+
+
+def stack_pairs(items: list[tuple[torch.Tensor, torch.Tensor]]) -> Batch:
+    """The default collate: a list of (x, y) windows of equal length -> (x (B, T), y (B, T))."""
+    xs, ys = zip(*items, strict=True)
+    return torch.stack(xs), torch.stack(ys)
+
+
+def _to_device(inputs, device):
+    if isinstance(inputs, dict):
+        return {k: v.to(device) for k, v in inputs.items()}
+    return inputs.to(device)
 
 
 @dataclass
@@ -91,16 +105,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 class ResumableBatches:
-    """Endless shuffled batches (x, y) of a dataset of (x, y) pairs; the order depends only on (seed, epoch).
+    """Endless shuffled batches of a dataset; the order depends only on (seed, epoch).
 
     Each epoch is a fresh permutation from torch.Generator().manual_seed(seed + epoch); incomplete final
     batches are dropped. state_dict() is {"epoch", "index"}, enough to continue exactly where it stopped.
+    `collate` turns a list of items into (inputs, targets); the default stacks (x, y) tensor pairs.
     """
 
-    def __init__(self, dataset, batch_size: int, seed: int = 0):
+    def __init__(self, dataset, batch_size: int, seed: int = 0,
+                 collate: Callable[[list], Batch] = stack_pairs):
         if len(dataset) < batch_size:
             raise ValueError(f"the dataset has {len(dataset)} examples, fewer than batch_size={batch_size}")
-        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.dataset, self.batch_size, self.seed, self.collate = dataset, batch_size, seed, collate
         self.epoch, self.index = 0, 0
         self._order = self._permutation()
 
@@ -110,14 +126,13 @@ class ResumableBatches:
     def __iter__(self):
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __next__(self) -> Batch:
         if (self.index + 1) * self.batch_size > len(self.dataset):
             self.epoch, self.index = self.epoch + 1, 0
             self._order = self._permutation()
         chosen = self._order[self.index * self.batch_size:(self.index + 1) * self.batch_size]
         self.index += 1
-        xs, ys = zip(*(self.dataset[int(i)] for i in chosen), strict=True)
-        return torch.stack(xs), torch.stack(ys)
+        return self.collate([self.dataset[int(i)] for i in chosen])
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
@@ -138,22 +153,26 @@ class History:
 
 
 class Trainer:
-    """Trains `model` (ids (B, T) -> logits (B, T, V)) on a dataset of (x, y) windows such as TokenWindows."""
+    """Trains `model` (ids (B, T) -> logits (B, T, V)) on a dataset of (x, y) windows such as TokenWindows,
+    or on any dataset with a `collate` that makes (inputs, targets) batches: inputs a tensor (the model's
+    first argument) or a dict of keyword arguments (e.g. input_ids, padding_mask, attn_mask, positions)."""
 
     def __init__(self, model: nn.Module, train_data, val_data, cfg: TrainConfig,
                  device: torch.device | str | None = None,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_loss,
-                 on_step_end: Callable[[Trainer], None] | None = None):
+                 on_step_end: Callable[[Trainer], None] | None = None,
+                 collate: Callable[[list], Batch] = stack_pairs):
         """loss_fn(logits, targets) -> scalar; on_step_end(trainer) runs after every optimizer step (e.g.
-        DeepSeek-V3's router-bias update, or logging)."""
+        DeepSeek-V3's router-bias update, or logging); collate(list of dataset items) -> (inputs, targets)."""
         self.cfg = cfg
+        self.collate = collate
         self.on_step_end = on_step_end
         self.device = torch.device(device) if device is not None else get_device()
         self.model = model.to(self.device)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.loss_fn = loss_fn
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
-        self.train_batches = ResumableBatches(train_data, cfg.batch_size, seed=cfg.seed)
+        self.train_batches = ResumableBatches(train_data, cfg.batch_size, seed=cfg.seed, collate=collate)
         self.val_data = val_data
         self.step, self.tokens_seen = 0, 0
         self.history = History()
@@ -164,6 +183,9 @@ class Trainer:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
+    def _model_output(self, inputs):
+        return self.forward(**inputs) if isinstance(inputs, dict) else self.forward(inputs)
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss over the first eval_batches batches of the validation set, in order (the same every time)."""
@@ -173,12 +195,12 @@ class Trainer:
         n = min(self.cfg.eval_batches, len(self.val_data) // self.cfg.batch_size)
         if n == 0:
             raise ValueError(f"the validation set has fewer than batch_size={self.cfg.batch_size} windows")
+        size = self.cfg.batch_size
         for b in range(n):
-            xs, ys = zip(*(self.val_data[i] for i in range(b * self.cfg.batch_size, (b + 1) * self.cfg.batch_size)),
-                         strict=True)
-            x, y = torch.stack(xs).to(self.device), torch.stack(ys).to(self.device)
+            x, y = self.collate([self.val_data[i] for i in range(b * size, (b + 1) * size)])
+            x, y = _to_device(x, self.device), y.to(self.device)
             with self._autocast():
-                losses.append(self.loss_fn(self.forward(x), y).item())
+                losses.append(self.loss_fn(self._model_output(x), y).item())
         self.model.train(was_training)
         return sum(losses) / len(losses)
 
@@ -194,9 +216,9 @@ class Trainer:
         total_targets = max(sum(counts), 1)
         total = 0.0
         for (x, y), n in zip(micro, counts, strict=True):
-            x, y = x.to(self.device), y.to(self.device)
+            x, y = _to_device(x, self.device), y.to(self.device)
             with self._autocast():
-                loss = self.loss_fn(self.forward(x), y)  # mean over this micro-batch's n targets
+                loss = self.loss_fn(self._model_output(x), y)  # mean over this micro-batch's n targets
             # weight by n / all targets, so the summed gradient is the mean over every target of the step,
             # exactly the big batch's, even when ignore_index leaves micro-batches with different counts
             (loss * (n / total_targets)).backward()
@@ -252,16 +274,18 @@ class Trainer:
     def resume(cls, path: str | os.PathLike, model: nn.Module, train_data, val_data,
                device: torch.device | str | None = None,
                loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_loss,
-               on_step_end: Callable[[Trainer], None] | None = None, **overrides) -> Trainer:
-        """A Trainer in exactly the state `save` wrote (model weights loaded into `model`); loss_fn and
-        on_step_end as in the constructor (they are code, so the checkpoint cannot hold them)."""
+               on_step_end: Callable[[Trainer], None] | None = None, collate: Callable[[list], Batch] = stack_pairs,
+               **overrides) -> Trainer:
+        """A Trainer in exactly the state `save` wrote (model weights loaded into `model`); loss_fn,
+        on_step_end and collate as in the constructor (they are code, so the checkpoint cannot hold them)."""
         tensors, record = load_tensors(path)
         if record.get("kind") != "training_state":
             raise ValueError(f"{path} is not a training state written by Trainer.save")
         saved = record["train_config"]
         cfg = TrainConfig(**{**saved, "betas": tuple(saved["betas"]), **overrides})
         model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-        trainer = cls(model, train_data, val_data, cfg, device, loss_fn=loss_fn, on_step_end=on_step_end)
+        trainer = cls(model, train_data, val_data, cfg, device, loss_fn=loss_fn, on_step_end=on_step_end,
+                      collate=collate)
         state: dict[int, dict] = {}
         for key, value in tensors.items():
             if key.startswith("optimizer."):
