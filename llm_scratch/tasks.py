@@ -7,7 +7,8 @@ text compared with runs of whitespace collapsed.
 
 Families: arithmetic ("add", "subtract", "multiply", 1-3 digit operands; "word_problem"), string tasks
 ("reverse", "uppercase", "count_letter", "sort_digits", on words of Tiny Shakespeare), and a language task
-from the corpus ("speaker": which character speaks this line).
+from the corpus ("speaker": which character speaks this line). For classification fine-tuning,
+`make_line_classification` labels real lines of Tiny Shakespeare 1 and the same words shuffled 0.
 
 Splits never share an example: an example's split is decided by a hash of its text (instruction + input),
 not by the order it was drawn in, so train / validation / test are disjoint by construction, and the same
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
-__all__ = ["FAMILIES", "SPLITS", "Example", "make_tasks", "split_of"]
+__all__ = ["FAMILIES", "SPLITS", "Example", "make_line_classification", "make_tasks", "split_of"]
 
 SPLITS = {"train": (0.0, 0.8), "validation": (0.8, 0.9), "test": (0.9, 1.0)}  # shares of the hash range
 NUMERIC = {"add", "subtract", "multiply", "word_problem", "count_letter"}
@@ -56,7 +57,11 @@ def _as_number(text: str) -> float | None:
 
 def split_of(example: Example) -> str:
     """The split an example belongs to, from a SHA-256 of its text (the same on every machine)."""
-    u = int(hashlib.sha256(example.key.encode()).hexdigest()[:12], 16) / 16**12  # uniform in [0, 1)
+    return _split_of_text(example.key)
+
+
+def _split_of_text(text: str) -> str:
+    u = int(hashlib.sha256(text.encode()).hexdigest()[:12], 16) / 16**12  # uniform in [0, 1)
     return next(name for name, (lo, hi) in SPLITS.items() if lo <= u < hi)
 
 
@@ -174,4 +179,42 @@ def make_tasks(n_per_family: int, split: str = "train", seed: int = 0,
         else:
             raise ValueError(f"family {family!r} has fewer than {n_per_family} distinct {split} examples")
         out.extend(kept)
+    return out
+
+
+def _classification_lines() -> tuple[str, ...]:
+    """Distinct first lines of speeches as lowercase words without punctuation, >= 6 words, not all the same."""
+    _, lines = _corpus_material()
+    out = {" ".join(re.findall(r"[a-z]+(?:'[a-z]+)*", line.lower())) for _, line in lines}
+    return tuple(sorted(line for line in out if len(line.split()) >= 6 and len(set(line.split())) > 1))
+
+
+def make_line_classification(n: int, split: str = "train", seed: int = 0) -> list[tuple[str, int]]:
+    """n (text, label) pairs: label 1 = a real line of Tiny Shakespeare, 0 = the same line's words shuffled.
+
+    Lines are lowercased and stripped of punctuation first: a real line starts with a capital letter and often
+    ends with a comma or a full stop, and a classifier could answer from those alone without reading the
+    words. Lines come in pairs, the real line and its shuffle, so the two classes share their words exactly
+    and only the order tells them apart; the pairs are then put in a seeded random order (labels balanced: n // 2 of one
+    class and n - n // 2 of the other). A line's split is decided by a SHA-256 of the line itself, so a line
+    and its shuffle are always in the same split and train / validation / test never share a line.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    lines = [line for line in _classification_lines() if _split_of_text(f"line\n{line}") == split]
+    if n > 2 * len(lines):
+        raise ValueError(f"the {split} split has {len(lines)} lines, {2 * len(lines)} examples; asked for n={n}")
+    rng = random.Random(f"{seed}:line_classification:{split}")  # a string seed is hashed the same on any platform
+    chosen = rng.sample(lines, (n + 1) // 2)
+    out: list[tuple[str, int]] = []
+    for line in chosen:
+        words = line.split()
+        shuffled = words[:]
+        while shuffled == words:  # a shuffle that gives back the line would be a mislabeled example
+            rng.shuffle(shuffled)
+        out += [(line, 1), (" ".join(shuffled), 0)]
+    out = out[:n]
+    rng.shuffle(out)
     return out

@@ -4,7 +4,7 @@ import hashlib
 
 import pytest
 
-from llm_scratch.tasks import FAMILIES, Example, make_tasks, split_of
+from llm_scratch.tasks import FAMILIES, Example, make_line_classification, make_tasks, split_of
 
 
 def test_same_seed_same_examples_and_stable_prefix():
@@ -56,3 +56,43 @@ def test_bad_arguments():
         make_tasks(1, families=["add", "divide"])
     with pytest.raises(ValueError, match="n_per_family must be a positive int"):
         make_tasks(0)
+
+
+def test_line_classification_deterministic_balanced_and_disjoint():
+    splits = {s: make_line_classification(200, s, seed=0) for s in ("train", "validation", "test")}
+    assert splits["train"] == make_line_classification(200, "train", seed=0)
+    assert splits["train"] != make_line_classification(200, "train", seed=1)
+    for data in splits.values():
+        assert len(data) == 200 and sum(label for _, label in data) == 100  # balanced
+    real = {s: {text for text, label in data if label == 1} for s, data in splits.items()}
+    assert not real["train"] & real["validation"] and not real["train"] & real["test"]
+    assert not real["validation"] & real["test"]
+    odd = make_line_classification(7, "test", seed=2)
+    assert len(odd) == 7 and sum(label for _, label in odd) in (3, 4)
+    digest = hashlib.sha256("\n".join(f"{label}\t{text}" for text, label in splits["test"][:10]).encode())
+    assert digest.hexdigest() == LINE_FINGERPRINT
+
+
+# make_line_classification(200, "test", seed=0)[:10]
+LINE_FINGERPRINT = "dcc7d2deef39832493b6a42f65116b704668bed3e4824d8e616481ba3dc2659d"
+
+
+def test_line_classification_shuffles_are_real_lines_reordered():
+    data = make_line_classification(300, "validation", seed=3)
+    real = sorted(text for text, label in data if label == 1)
+    shuffled = [text for text, label in data if label == 0]
+    lines = {tuple(sorted(text.split())): text for text in real}
+    assert len(lines) == len(real) == len(shuffled)
+    for text in shuffled:  # each shuffle has exactly the words of a real line in the same split, in another order
+        original = lines[tuple(sorted(text.split()))]
+        assert text != original and sorted(text.split()) == sorted(original.split())
+    assert all(len(text.split()) >= 6 for text, _ in data)
+
+
+def test_line_classification_bad_arguments():
+    with pytest.raises(ValueError, match="split must be one of train, validation, test"):
+        make_line_classification(4, "dev")
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        make_line_classification(0)
+    with pytest.raises(ValueError, match="the test split has"):
+        make_line_classification(100_000, "test")
