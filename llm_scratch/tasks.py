@@ -24,7 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
-__all__ = ["FAMILIES", "SPLITS", "Example", "make_line_classification", "make_tasks", "split_of"]
+__all__ = ["FAMILIES", "SPLITS", "Example", "PreferencePair", "make_line_classification", "make_preference_pairs",
+           "make_tasks", "split_of"]
 
 SPLITS = {"train": (0.0, 0.8), "validation": (0.8, 0.9), "test": (0.9, 1.0)}  # shares of the hash range
 NUMERIC = {"add", "subtract", "multiply", "word_problem", "count_letter"}
@@ -218,3 +219,100 @@ def make_line_classification(n: int, split: str = "train", seed: int = 0) -> lis
     out = out[:n]
     rng.shuffle(out)
     return out
+
+
+# --- preference pairs (alignment chapter) -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """A task example with a chosen and a rejected answer. `flipped` marks a pair whose labels were swapped on
+    purpose (the noisy variant): then `chosen` is the wrong answer and `rejected` the right one."""
+
+    example: Example
+    chosen: str
+    rejected: str
+    flipped: bool = False
+    mistake: str = ""  # what kind of plausible mistake the wrong answer makes
+
+
+def _near_number(rng: random.Random, value: int) -> tuple[str, str]:
+    """A plausible arithmetic slip: off by one or by ten, two digits swapped, or the answer in a sentence."""
+    kinds = ["off by one", "off by ten", "badly formatted"]
+    digits = str(abs(value))
+    if len(digits) >= 2 and digits[-1] != digits[-2]:
+        kinds.append("digits swapped")
+    kind = rng.choice(kinds)
+    if kind == "off by one":
+        return str(value + rng.choice([-1, 1])), kind
+    if kind == "off by ten":
+        return str(value + rng.choice([-10, 10])), kind
+    if kind == "digits swapped":
+        swapped = digits[:-2] + digits[-1] + digits[-2]
+        return ("-" if value < 0 else "") + swapped, kind
+    return f"The answer is {value}.", kind  # right number, wrong format: the checker (and the user) want a number
+
+
+def _wrong_answer(rng: random.Random, ex: Example, speakers: tuple[str, ...]) -> tuple[str, str]:
+    if ex.family in ("add", "subtract", "multiply", "word_problem"):
+        return _near_number(rng, int(ex.answer))
+    if ex.family == "count_letter":
+        n = int(ex.answer)
+        return str(n + 1 if n == 0 or rng.random() < 0.5 else n - 1), "off by one"
+    if ex.family == "reverse":
+        word, kind = ex.input, rng.choice(["half reversed", "not reversed", "letter dropped"])
+        if kind == "half reversed":  # the first half reversed in place, the rest left alone
+            half = len(word) // 2
+            return word[:half][::-1] + word[half:], kind
+        if kind == "not reversed":
+            return word, kind
+        i = rng.randrange(len(word))
+        return (word[:i] + word[i + 1:])[::-1], kind
+    if ex.family == "uppercase":
+        word, kind = ex.input, rng.choice(["unchanged", "capitalized", "one letter missed"])
+        if kind == "unchanged":
+            return word, kind
+        if kind == "capitalized":
+            return word.capitalize(), kind
+        i = rng.randrange(len(word))
+        return word[:i].upper() + word[i] + word[i + 1:].upper(), kind
+    if ex.family == "sort_digits":
+        digits, kind = ex.answer, rng.choice(["descending", "unsorted", "adjacent swap"])
+        if kind == "descending":
+            return digits[::-1], kind
+        if kind == "unsorted":
+            return ex.input, kind
+        i = rng.randrange(len(digits) - 1)
+        return digits[:i] + digits[i + 1] + digits[i] + digits[i + 2:], kind
+    if ex.family == "speaker":
+        return rng.choice(speakers), "another speaker"
+    raise ValueError(f"no wrong answers for family {ex.family!r}")
+
+
+def make_preference_pairs(n_per_family: int, split: str = "train", seed: int = 0, noise: float = 0.0,
+                          families: list[str] | tuple[str, ...] | None = None) -> list[PreferencePair]:
+    """Preference pairs from the task generator: the reference answer is chosen, a plausible mistake rejected.
+
+    The examples are `make_tasks(n_per_family, split, seed, families)`, so held-out pairs never share a prompt
+    with training pairs. Every rejected answer fails the example's checker (a checkable preference); where a
+    family's mistake happens to be right (sorting digits that were already sorted, say) another is drawn.
+    noise: the fraction of pairs whose chosen and rejected answers are swapped, exactly round(noise * n) of them,
+    chosen by a seeded draw and marked `flipped` (Mitchell 2023's label noise, for cDPO and robust DPO).
+    """
+    if not 0 <= noise <= 1:
+        raise ValueError(f"noise must be in [0, 1], got {noise}")
+    _, lines = _corpus_material()
+    speakers = tuple(sorted({s for s, _ in lines}))
+    pairs = []
+    for ex in make_tasks(n_per_family, split, seed, families):
+        rng = random.Random(f"{seed}:pair:{ex.key}")  # per example: the same pair however many are drawn
+        for _ in range(100):
+            wrong, kind = _wrong_answer(rng, ex, speakers)
+            if not ex.check(wrong):
+                break
+        else:
+            raise RuntimeError(f"no wrong answer found for {ex}")  # cannot happen for the families above
+        pairs.append(PreferencePair(ex, ex.answer, wrong, mistake=kind))
+    n_flip = round(noise * len(pairs))
+    flip = set(random.Random(f"{seed}:flip:{split}:{noise}").sample(range(len(pairs)), n_flip))
+    return [PreferencePair(p.example, p.rejected, p.chosen, True, p.mistake) if i in flip else p
+            for i, p in enumerate(pairs)]

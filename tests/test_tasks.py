@@ -96,3 +96,36 @@ def test_line_classification_bad_arguments():
         make_line_classification(0)
     with pytest.raises(ValueError, match="the test split has"):
         make_line_classification(100_000, "test")
+
+
+def test_preference_pairs_are_checkable_deterministic_and_split():
+    from llm_scratch.tasks import make_preference_pairs
+
+    pairs = make_preference_pairs(30, "train")
+    assert pairs == make_preference_pairs(30, "train")
+    assert len(pairs) == 30 * len(FAMILIES)
+    for p in pairs:
+        assert p.example.check(p.chosen) and not p.example.check(p.rejected) and not p.flipped
+        assert p.chosen == p.example.answer and p.mistake
+    # the first pairs do not change when more are drawn
+    assert make_preference_pairs(10, "train", families=["add"]) == make_preference_pairs(30, "train",
+                                                                                          families=["add"])[:10]
+    held_out = make_preference_pairs(30, "test")
+    assert not {p.example.key for p in pairs} & {p.example.key for p in held_out}
+    assert {p.mistake for p in pairs if p.example.family == "add"} == {"off by one", "off by ten", "digits swapped",
+                                                                         "badly formatted"}
+
+
+def test_noisy_preference_pairs_flip_an_exact_fraction():
+    from llm_scratch.tasks import make_preference_pairs
+
+    clean = make_preference_pairs(20, "train")
+    for noise in (0.2, 0.4):
+        noisy = make_preference_pairs(20, "train", noise=noise)
+        flipped = [n.flipped for n in noisy]
+        assert sum(flipped) == round(noise * len(clean))
+        for c, n in zip(clean, noisy, strict=True):
+            assert (n.chosen, n.rejected) == ((c.rejected, c.chosen) if n.flipped else (c.chosen, c.rejected))
+            assert n.example == c.example
+    with pytest.raises(ValueError, match="noise"):
+        make_preference_pairs(2, noise=1.5)
