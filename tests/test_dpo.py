@@ -132,3 +132,73 @@ def test_dpo_loss_errors():
     with pytest.raises(ValueError, match="both"):
         dpo_loss(*args, chosen_lengths=torch.ones(2))
     assert set(LOSS_TYPES) == {"sigmoid", "robust", "ipo", "hinge"}
+
+
+# --- the trainer ----------------------------------------------------------------------------------------------
+
+def _tiny_policy():
+    from llm_scratch.models.gpt2 import GPT2, GPT2Config
+    from llm_scratch.tokenizer import get_tokenizer
+
+    torch.manual_seed(0)
+    return GPT2(GPT2Config(vocab_size=get_tokenizer("shakespeare").n_vocab, context_length=96, d_model=32,
+                           n_layers=2, n_heads=4))
+
+
+def _pair_data(n_per_family=4, split="train", families=("add", "uppercase", "sort_digits")):
+    from llm_scratch.tasks import make_preference_pairs
+    from llm_scratch.tokenizer import get_tokenizer
+    from llm_scratch.training.dpo import PreferenceDataset
+
+    pairs = make_preference_pairs(n_per_family, split, families=families)
+    return PreferenceDataset(get_tokenizer("shakespeare"), pairs)
+
+
+def test_collate_pairs_puts_chosen_rows_first_and_masks_the_answers():
+    from llm_scratch.tokenizer import get_tokenizer
+    from llm_scratch.tokenizer.chat import IM_END
+
+    tok = get_tokenizer("shakespeare")
+    data = _pair_data()
+    batch = data.collate([data[i] for i in range(3)])
+    B = 3
+    assert batch["input_ids"].shape[0] == 2 * B
+    for i in range(B):
+        pair = data.pairs[i]
+        for row, answer in ((i, pair.chosen), (B + i, pair.rejected)):
+            ids = batch["input_ids"][row][batch["loss_mask"][row]].tolist()
+            assert tok.decode(ids) == answer + IM_END
+            assert not batch["loss_mask"][row, 0] and (batch["loss_mask"][row] <= batch["padding_mask"][row]).all()
+
+
+def test_dpo_trainer_starts_at_log2_and_learns_the_preferences():
+    from llm_scratch.training.dpo import DPOTrainer
+    from llm_scratch.training.engine import TrainConfig
+
+    train, val = _pair_data(), _pair_data(2, "validation")
+    cfg = TrainConfig(max_steps=30, batch_size=6, lr=3e-3, warmup_steps=0, weight_decay=0.0, eval_every=0,
+                      progress=False)
+    trainer = DPOTrainer(_tiny_policy(), train, val, cfg, beta=0.5, device="cpu")
+    start = trainer.evaluate(train)
+    assert start["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference: every reward is 0
+    assert start["reward_margin"] == 0 and start["reward_accuracy"] == 0
+    trainer.train()
+    end = trainer.evaluate(train)
+    assert end["loss"] < 0.5 * math.log(2) and end["reward_accuracy"] > 0.9  # it fits its training pairs
+    assert len(trainer.history.loss) == 30 and trainer.history.val_step == [30]
+
+
+def test_precomputed_reference_gives_the_same_training():
+    from llm_scratch.training.dpo import DPOTrainer
+    from llm_scratch.training.engine import TrainConfig
+
+    train, val = _pair_data(), _pair_data(2, "validation")
+    cfg = TrainConfig(max_steps=3, batch_size=4, lr=1e-3, eval_every=0, progress=False)
+    a = DPOTrainer(_tiny_policy(), train, val, cfg, device="cpu")
+    b = DPOTrainer(_tiny_policy(), train, val, cfg, precompute_ref=True, device="cpu")
+    assert b.reference is None and b.ref_train.shape == (len(train), 2)
+    ha, hb = a.train(), b.train()
+    assert ha.loss == pytest.approx(hb.loss, abs=1e-6)
+    assert a.evaluate()["loss"] == pytest.approx(b.evaluate()["loss"], abs=1e-6)
+    with pytest.raises(ValueError, match="precompute_ref"):
+        b.evaluate(_pair_data(1, "test"))
