@@ -214,7 +214,7 @@ class DPOTrainer:
         else:
             self.reference = reference
         self.optimizer = torch.optim.AdamW(param_groups(self.policy, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
-        self.batches = ResumableBatches(_Indexed(train_data), cfg.batch_size, seed=cfg.seed,
+        self.batches = ResumableBatches(range(len(train_data)), cfg.batch_size, seed=cfg.seed,  # pair indices
                                         collate=lambda items: items)
         self.step = 0
         self.history = DPOHistory()
@@ -303,15 +303,3 @@ class DPOTrainer:
                 h.val.append(self.evaluate())
         return self.history
 
-
-class _Indexed:
-    """A dataset of indices 0..n-1, so ResumableBatches hands out the pair indices of each batch."""
-
-    def __init__(self, data):
-        self.n = len(data)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return i
