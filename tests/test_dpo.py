@@ -148,7 +148,7 @@ def _tiny_policy():
 def _pair_data(n_per_family=4, split="train", families=("add", "uppercase", "sort_digits")):
     from llm_scratch.tasks import make_preference_pairs
     from llm_scratch.tokenizer import get_tokenizer
-    from llm_scratch.training.dpo import PreferenceDataset
+    from llm_scratch.training.preference import PreferenceDataset
 
     pairs = make_preference_pairs(n_per_family, split, families=families)
     return PreferenceDataset(get_tokenizer("shakespeare"), pairs)
@@ -185,7 +185,7 @@ def test_dpo_trainer_starts_at_log2_and_learns_the_preferences():
     trainer.train()
     end = trainer.evaluate(train)
     assert end["loss"] < 0.5 * math.log(2) and end["reward_accuracy"] > 0.9  # it fits its training pairs
-    assert len(trainer.history.loss) == 30 and trainer.history.val_step == [30]
+    assert len(trainer.history.train["loss"]) == 30 and trainer.history.val_step == [30]
 
 
 def test_precomputed_reference_gives_the_same_training():
@@ -198,7 +198,7 @@ def test_precomputed_reference_gives_the_same_training():
     b = DPOTrainer(_tiny_policy(), train, val, cfg, precompute_ref=True, device="cpu")
     assert b.reference is None and b.ref_train.shape == (len(train), 2)
     ha, hb = a.train(), b.train()
-    assert ha.loss == pytest.approx(hb.loss, abs=1e-6)
+    assert ha.train["loss"] == pytest.approx(hb.train["loss"], abs=1e-6)
     assert a.evaluate()["loss"] == pytest.approx(b.evaluate()["loss"], abs=1e-6)
     with pytest.raises(ValueError, match="precompute_ref"):
         b.evaluate(_pair_data(1, "test"))

@@ -12,8 +12,8 @@ from llm_scratch.models import GPT2, GPT2Config
 from llm_scratch.models.hf import _gpt2_weights
 from llm_scratch.tasks import make_preference_pairs
 from llm_scratch.tokenizer import get_tokenizer
-from llm_scratch.training.dpo import PreferenceDataset
 from llm_scratch.training.engine import TrainConfig
+from llm_scratch.training.preference import PreferenceDataset
 from llm_scratch.training.reward import RewardModel, RewardTrainer, bradley_terry_loss
 
 

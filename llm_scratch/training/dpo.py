@@ -3,6 +3,7 @@
     logps = completion_logps(model(ids), ids, loss_mask)           # (B,) log p(completion | prompt)
     losses, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr, beta=0.1)
     trainer = DPOTrainer(sft_model, PreferenceDataset(tok, pairs), PreferenceDataset(tok, held_out), cfg)
+    (PreferenceDataset: llm_scratch.training.preference)
 
 DPO (Rafailov et al. 2023, arXiv:2305.18290, Eq. 7) fits the policy to preference pairs (prompt x, chosen y_w,
 rejected y_l) without a reward model: the log-ratio of policy to reference, β log πθ(y|x)/π_ref(y|x), acts as an
@@ -22,21 +23,15 @@ and cDPO / robust DPO temper the push when some labels are wrong.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from llm_scratch.device import get_device
-from llm_scratch.tasks import PreferencePair
-from llm_scratch.tokenizer.chat import encode_chat
-from llm_scratch.training.engine import ResumableBatches, TrainConfig, lr_at, param_groups
+from llm_scratch.training.engine import TrainConfig
+from llm_scratch.training.preference import PreferenceDataset, PreferenceTrainer
 
-__all__ = ["LOSS_TYPES", "DPOTrainer", "PreferenceDataset", "collate_pairs", "completion_logps", "dpo_loss",
-           "encode_pair"]
+__all__ = ["LOSS_TYPES", "DPOTrainer", "completion_logps", "dpo_loss"]
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
 
@@ -114,84 +109,17 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
-# --- data ---------------------------------------------------------------------------------------------------
-
-def encode_pair(tokenizer, pair: PreferencePair) -> tuple[tuple[list[int], list[bool]], tuple[list[int], list[bool]]]:
-    """((chosen ids, completion mask), (rejected ids, completion mask)): the same user turn, then each answer
-    as the assistant's turn; the mask marks the assistant's tokens (its answer and <|im_end|>), as in SFT."""
-    from llm_scratch.training.sft import task_messages  # the same conversation layout SFT trained on
-
-    user = task_messages(pair.example, with_answer=False)
-    return tuple(encode_chat(tokenizer, user + [{"role": "assistant", "content": answer}])
-                 for answer in (pair.chosen, pair.rejected))
-
-
-class PreferenceDataset:
-    """Preference pairs encoded with the chat template; items are ((chosen ids, mask), (rejected ids, mask))."""
-
-    def __init__(self, tokenizer, pairs: Sequence[PreferencePair], context_length: int | None = None):
-        if not pairs:
-            raise ValueError("pairs is empty")
-        self.pairs = list(pairs)
-        self.items = [encode_pair(tokenizer, p) for p in self.pairs]
-        if context_length is not None:
-            for i, item in enumerate(self.items):
-                longest = max(len(ids) for ids, _ in item)
-                if longest > context_length:
-                    raise ValueError(f"pair {i} needs {longest} tokens, more than context_length={context_length}")
-        self.pad_id = self.items[0][0][0][0]  # any id: padding is masked out
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        return self.items[i]
-
-    def collate(self, items) -> dict[str, torch.Tensor]:
-        return collate_pairs(items, self.pad_id)
-
-
-def collate_pairs(items, pad_id: int) -> dict[str, torch.Tensor]:
-    """B pairs -> one right-padded batch of 2B rows, the B chosen rows first, then the B rejected ones.
-
-    Returns input_ids and padding_mask (2B, T) for the model, loss_mask (2B, T) marking the completions.
-    One forward pass scores both answers of every pair.
-    """
-    rows = [item[0] for item in items] + [item[1] for item in items]
-    T = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    padding_mask = torch.zeros(len(rows), T, dtype=torch.bool)
-    loss_mask = torch.zeros(len(rows), T, dtype=torch.bool)
-    for r, (ids, mask) in enumerate(rows):
-        input_ids[r, :len(ids)] = torch.tensor(ids)
-        padding_mask[r, :len(ids)] = True
-        loss_mask[r, :len(ids)] = torch.tensor(mask)
-    return {"input_ids": input_ids, "padding_mask": padding_mask, "loss_mask": loss_mask}
-
-
 # --- training -----------------------------------------------------------------------------------------------
 
-@dataclass
-class DPOHistory:
-    step: list[int] = field(default_factory=list)
-    loss: list[float] = field(default_factory=list)
-    reward_accuracy: list[float] = field(default_factory=list)  # share of pairs with chosen reward > rejected
-    reward_margin: list[float] = field(default_factory=list)  # mean chosen reward - rejected reward
-    chosen_reward: list[float] = field(default_factory=list)
-    rejected_reward: list[float] = field(default_factory=list)
-    chosen_logps: list[float] = field(default_factory=list)  # the policy's mean log p(chosen answer | prompt)
-    rejected_logps: list[float] = field(default_factory=list)
-    val_step: list[int] = field(default_factory=list)
-    val: list[dict] = field(default_factory=list)  # evaluate()'s metrics at each val_step
-
-
-class DPOTrainer:
+class DPOTrainer(PreferenceTrainer):
     """Trains `policy` on preference pairs with dpo_loss; the reference is a frozen copy of the starting policy
     (or `ref_model`), or, with precompute_ref=True, its log-probabilities computed once before training (then
     no second model is held in memory during training).
 
     cfg: the pretraining engine's TrainConfig (steps, batch size in pairs, lr schedule, clipping, seed); DPO's
-    own settings are beta, loss_type and label_smoothing (see dpo_loss).
+    own settings are beta, loss_type and label_smoothing (see dpo_loss). Metrics: loss, reward_accuracy (share of
+    pairs whose chosen reward beats the rejected one), reward_margin, chosen_reward, rejected_reward, and the
+    policy's chosen_logps and rejected_logps (mean log p(answer | prompt)).
     """
 
     def __init__(self, policy: nn.Module, train_data: PreferenceDataset, val_data: PreferenceDataset | None,
@@ -199,12 +127,10 @@ class DPOTrainer:
                  ref_model: nn.Module | None = None, precompute_ref: bool = False,
                  device: torch.device | str | None = None):
         dpo_loss(*(torch.zeros(1),) * 4, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)  # validate
-        self.cfg, self.beta, self.loss_type, self.label_smoothing = cfg, beta, loss_type, label_smoothing
-        self.device = torch.device(device) if device is not None else get_device()
-        self.policy = policy.to(self.device)
+        super().__init__(policy, train_data, val_data, cfg, device)
+        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         reference = (ref_model if ref_model is not None else copy.deepcopy(policy)).to(self.device).eval()
         reference.requires_grad_(False)
-        self.train_data, self.val_data = train_data, val_data
         # with precompute_ref: (N, 2) reference log-probs of the train and validation pairs, and no reference model
         self.ref_train = self.ref_val = None
         if precompute_ref:
@@ -213,12 +139,10 @@ class DPOTrainer:
             self.reference = None
         else:
             self.reference = reference
-        self.optimizer = torch.optim.AdamW(param_groups(self.policy, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
-        self.batches = ResumableBatches(range(len(train_data)), cfg.batch_size, seed=cfg.seed,  # pair indices
-                                        collate=lambda items: items)
-        self.step = 0
-        self.history = DPOHistory()
-        torch.manual_seed(cfg.seed)
+
+    @property
+    def policy(self) -> nn.Module:
+        return self.model
 
     @torch.no_grad()
     def _reference_logps(self, reference: nn.Module, data: PreferenceDataset) -> torch.Tensor:
@@ -233,11 +157,13 @@ class DPOTrainer:
         ids, pad, mask = (batch[k].to(self.device) for k in ("input_ids", "padding_mask", "loss_mask"))
         return completion_logps(model(ids, padding_mask=pad), ids, mask)  # (2B,)
 
-    def _metrics(self, data: PreferenceDataset, indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+    def batch_loss(self, data: PreferenceDataset, indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         batch = data.collate([data[i] for i in indices])
         B = len(indices)
-        logps = self._logps(self.policy, batch)
+        logps = self._logps(self.model, batch)
         if self.reference is None:  # precomputed
+            if data is not self.train_data and data is not self.val_data:
+                raise ValueError("with precompute_ref=True only the train and validation sets have reference log-probs")
             ref = (self.ref_train if data is self.train_data else self.ref_val)[indices].to(self.device)  # (B, 2)
             ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
         else:
@@ -253,53 +179,3 @@ class DPOTrainer:
                    "chosen_reward": chosen_rewards.mean().item(), "rejected_reward": rejected_rewards.mean().item(),
                    "chosen_logps": logps[:B].mean().item(), "rejected_logps": logps[B:].mean().item()}
         return loss, metrics
-
-    def train_step(self) -> dict[str, float]:
-        cfg = self.cfg
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step, cfg)
-        self.policy.train()
-        loss, metrics = self._metrics(self.train_data, next(self.batches))
-        loss.backward()
-        if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        return metrics
-
-    @torch.no_grad()
-    def evaluate(self, data: PreferenceDataset | None = None, batch_size: int = 64) -> dict[str, float]:
-        """Metrics over a whole dataset (the validation set by default), averaged over pairs."""
-        data = data if data is not None else self.val_data
-        if data is None:
-            raise ValueError("no validation data: pass a dataset")
-        if self.reference is None and data is not self.train_data and data is not self.val_data:
-            raise ValueError("with precompute_ref=True only the train and validation sets have reference log-probs")
-        was_training = self.policy.training
-        self.policy.eval()
-        totals: dict[str, float] = {}
-        for start in range(0, len(data), batch_size):
-            indices = list(range(start, min(start + batch_size, len(data))))
-            _, metrics = self._metrics(data, indices)
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + v * len(indices)
-        self.policy.train(was_training)
-        return {k: v / len(data) for k, v in totals.items()}
-
-    def train(self, steps: int | None = None) -> DPOHistory:
-        """Run until cfg.max_steps (or `steps` more), evaluating every eval_every steps and at the end."""
-        cfg = self.cfg
-        end = cfg.max_steps if steps is None else min(cfg.max_steps, self.step + steps)
-        for _ in tqdm(range(self.step, end), desc="DPO", disable=not cfg.progress):
-            metrics = self.train_step()
-            h = self.history
-            h.step.append(self.step)
-            for k, v in metrics.items():
-                getattr(h, k).append(v)
-            if self.val_data is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0)
-                                              or self.step == cfg.max_steps):
-                h.val_step.append(self.step)
-                h.val.append(self.evaluate())
-        return self.history
-

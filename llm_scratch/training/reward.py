@@ -13,17 +13,13 @@ that has seen the whole prompt and answer in a causal model), with the classifie
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from llm_scratch.device import get_device
 from llm_scratch.models.classifier import SequenceClassifier
-from llm_scratch.training.dpo import PreferenceDataset
-from llm_scratch.training.engine import ResumableBatches, TrainConfig, lr_at, param_groups
+from llm_scratch.training.engine import TrainConfig
+from llm_scratch.training.preference import PreferenceDataset, PreferenceTrainer
 
 __all__ = ["RewardModel", "RewardTrainer", "bradley_terry_loss"]
 
@@ -50,30 +46,13 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
     return -F.logsigmoid(chosen_rewards - rejected_rewards)
 
 
-@dataclass
-class RewardHistory:
-    step: list[int] = field(default_factory=list)
-    loss: list[float] = field(default_factory=list)
-    accuracy: list[float] = field(default_factory=list)  # share of the batch's pairs with r_chosen > r_rejected
-    val_step: list[int] = field(default_factory=list)
-    val: list[dict] = field(default_factory=list)
-
-
-class RewardTrainer:
-    """Trains a RewardModel on a PreferenceDataset with the Bradley-Terry loss (AdamW, the engine's schedule)."""
+class RewardTrainer(PreferenceTrainer):
+    """Trains a RewardModel on a PreferenceDataset with the Bradley-Terry loss (AdamW, the engine's schedule).
+    Metrics: loss, accuracy (share of pairs ranked right), chosen_reward and rejected_reward (means)."""
 
     def __init__(self, model: RewardModel, train_data: PreferenceDataset, val_data: PreferenceDataset | None,
                  cfg: TrainConfig, device: torch.device | str | None = None):
-        self.cfg = cfg
-        self.device = torch.device(device) if device is not None else get_device()
-        self.model = model.to(self.device)
-        self.train_data, self.val_data = train_data, val_data
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
-        self.batches = ResumableBatches(range(len(train_data)), cfg.batch_size, seed=cfg.seed,  # pair indices
-                                        collate=lambda items: items)
-        self.step = 0
-        self.history = RewardHistory()
-        torch.manual_seed(cfg.seed)
+        super().__init__(model, train_data, val_data, cfg, device)
 
     def rewards(self, data: PreferenceDataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(chosen rewards (B,), rejected rewards (B,)) of the pairs `indices`, in one forward pass."""
@@ -81,49 +60,8 @@ class RewardTrainer:
         r = self.model(batch["input_ids"].to(self.device), batch["padding_mask"].to(self.device))
         return r[:len(indices)], r[len(indices):]
 
-    def train_step(self) -> tuple[float, float]:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step, self.cfg)
-        self.model.train()
-        chosen, rejected = self.rewards(self.train_data, next(self.batches))
+    def batch_loss(self, data: PreferenceDataset, indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+        chosen, rejected = self.rewards(data, indices)
         loss = bradley_terry_loss(chosen, rejected).mean()
-        loss.backward()
-        if self.cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        return loss.item(), (chosen > rejected).float().mean().item()
-
-    @torch.no_grad()
-    def evaluate(self, data: PreferenceDataset | None = None, batch_size: int = 64) -> dict[str, float]:
-        """Loss, pairwise accuracy and mean chosen / rejected reward over a whole dataset (validation by default)."""
-        data = data if data is not None else self.val_data
-        if data is None:
-            raise ValueError("no validation data: pass a dataset")
-        was_training = self.model.training
-        self.model.eval()
-        chosen, rejected = [], []
-        for start in range(0, len(data), batch_size):
-            c, r = self.rewards(data, list(range(start, min(start + batch_size, len(data)))))
-            chosen.append(c)
-            rejected.append(r)
-        self.model.train(was_training)
-        c, r = torch.cat(chosen), torch.cat(rejected)
-        return {"loss": bradley_terry_loss(c, r).mean().item(), "accuracy": (c > r).float().mean().item(),
-                "chosen_reward": c.mean().item(), "rejected_reward": r.mean().item()}
-
-    def train(self, steps: int | None = None) -> RewardHistory:
-        cfg = self.cfg
-        end = cfg.max_steps if steps is None else min(cfg.max_steps, self.step + steps)
-        for _ in tqdm(range(self.step, end), desc="reward model", disable=not cfg.progress):
-            loss, accuracy = self.train_step()
-            h = self.history
-            h.step.append(self.step)
-            h.loss.append(loss)
-            h.accuracy.append(accuracy)
-            if self.val_data is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0)
-                                              or self.step == cfg.max_steps):
-                h.val_step.append(self.step)
-                h.val.append(self.evaluate())
-        return self.history
+        return loss, {"loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item(),
+                      "chosen_reward": chosen.mean().item(), "rejected_reward": rejected.mean().item()}
