@@ -81,3 +81,34 @@ def test_bad_targets_and_ranks():
         apply_lora(_model(), ["ln_1"], r=4, alpha=8)
     with pytest.raises(ValueError, match=r"r \(the LoRA rank\) must be a positive int, got 0"):
         apply_lora(_model(), ["q_proj"], r=0, alpha=8)
+
+
+def test_adapted_model_generates_and_keeps_modules_to_save_trainable():
+    from llm_scratch.generation import generate
+
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(vocab_size=50, context_length=16, d_model=16, n_layers=2, n_heads=2))
+    prompt = torch.randint(0, 50, (2, 4))
+    expected = generate(model, prompt, 5)
+    apply_lora(model, ["q_proj", "v_proj"], r=2, alpha=4, modules_to_save=["wte"])
+    # B = 0: the adapted model generates exactly what the base did (the KV cache reads the wrapped layers' weight)
+    assert torch.equal(generate(model, prompt, 5), expected)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "wte.weight" in trainable and all(n == "wte.weight" or "lora_" in n for n in trainable)
+    layer = model.blocks[0].attn.q_proj
+    assert layer.weight is layer.base_layer.weight and layer.bias is layer.base_layer.bias
+    with pytest.raises(ValueError, match=r"modules_to_save \['embeddings'\] match no module"):
+        apply_lora(GPT2(GPT2Config(vocab_size=50, context_length=16, d_model=16, n_layers=1, n_heads=2)),
+                   ["q_proj"], r=2, alpha=4, modules_to_save=["embeddings"])
+
+
+def test_merge_lora_on_a_single_layer_returns_the_merged_linear():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 5)
+    layer = LoRALinear(copy.deepcopy(base), r=2, alpha=4)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 6)
+    expected = layer(x)
+    merged = merge_lora(layer)
+    assert type(merged) is torch.nn.Linear
+    torch.testing.assert_close(merged(x), expected, atol=1e-6, rtol=0)

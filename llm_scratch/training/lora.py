@@ -48,6 +48,16 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
         self.merged = False
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (as PEFT's layers expose it), so code that reads a layer's weight for its
+        dtype or device (cache allocation, say) works on an adapted model too."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
     def delta_weight(self) -> torch.Tensor:
         """(alpha/r)·BA, the (out, in) update this adapter adds to the base weight."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
@@ -84,9 +94,12 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def apply_lora(model: nn.Module, target_modules: list[str] | tuple[str, ...], r: int, alpha: float,
-               dropout: float = 0.0, use_rslora: bool = False) -> nn.Module:
+               dropout: float = 0.0, use_rslora: bool = False,
+               modules_to_save: list[str] | tuple[str, ...] = ()) -> nn.Module:
     """Wrap every nn.Linear whose qualified name is, or ends with ".", one of target_modules in a LoRALinear,
-    and freeze every other parameter. Returns the model (changed in place)."""
+    and freeze every other parameter except those of `modules_to_save` (matched the same way; PEFT's name for
+    modules trained in full, e.g. an embedding whose rows for new special tokens must learn). Returns the model
+    (changed in place)."""
     if isinstance(target_modules, str):
         target_modules = [target_modules]
     if not target_modules:
@@ -104,8 +117,17 @@ def apply_lora(model: nn.Module, target_modules: list[str] | tuple[str, ...], r:
     unmatched = [t for t, names in matched.items() if not names]
     if unmatched:
         raise ValueError(f"target_modules {unmatched} match no module of {type(model).__name__}")
+    if isinstance(modules_to_save, str):
+        modules_to_save = [modules_to_save]
+    saved = {t: [n for n, _ in model.named_modules() if n == t or n.endswith("." + t)] for t in modules_to_save}
+    unmatched = [t for t, names in saved.items() if not names]
+    if unmatched:
+        raise ValueError(f"modules_to_save {unmatched} match no module of {type(model).__name__}")
     for p in model.parameters():
         p.requires_grad_(False)
+    for names in saved.values():
+        for name in names:
+            model.get_submodule(name).requires_grad_(True)
     for name in sorted({n for names in matched.values() for n in names}):
         _set_submodule(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout, use_rslora))
     return model
@@ -117,7 +139,12 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base layer and put the plain nn.Linear back; returns the model."""
+    """Fold every adapter into its base layer and put the plain nn.Linear back; returns the model (a single
+    LoRALinear returns its merged base layer)."""
+    if isinstance(model, LoRALinear):
+        if not model.merged:
+            model.merge()
+        return model.base_layer
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
             if not module.merged:
