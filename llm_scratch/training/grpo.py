@@ -15,7 +15,12 @@ with the KL to a frozen reference estimated per token by Schulman's k3, exp(ref 
 over sequences; "bnpo"/"dapo": over all tokens of the batch, DAPO, Yu et al. 2025, arXiv:2503.14476, which also
 clips asymmetrically with ε_high > ε_low; "dr_grpo": a constant normalizer, Liu et al. 2025, arXiv:2503.20783) and
 in what the ratio is: GSPO (Zheng et al. 2025, arXiv:2507.18071) uses one ratio per sequence, the geometric mean
-of its token ratios exp(mean_t log ratio_t), clipped as a whole.
+of its token ratios exp(mean_t log ratio_t), clipped as a whole (the paper's objective is that ratio with the
+"grpo" aggregation, one term per sequence; the other aggregations weight sequences by their length, as TRL does).
+
+Checked against TRL 1.16's GRPOTrainer._compute_loss (tests/test_grpo.py). One default differs: TRL multiplies
+the k3 term by the importance ratio (use_bias_correction_kl=True, from DeepSeek-V3.2); this module follows
+DeepSeekMath's Eq. 3-4, which is TRL with that flag off.
 """
 
 from __future__ import annotations
