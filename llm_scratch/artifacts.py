@@ -21,16 +21,21 @@ from collections.abc import Callable
 __all__ = ["ARTIFACTS", "build", "main"]
 
 
-def _rope_context_extension(path: pathlib.Path) -> None:
-    from llm_scratch.position.context_extension import load_or_train
-
-    # load_or_train trains only when no checkpoint exists, so train into an empty folder and move the
-    # finished pair into place: the committed files are replaced only by a complete new pair
+def _into_place(path: pathlib.Path, load_or_train: Callable) -> None:
+    """Train with `load_or_train(fresh_path, device="cpu")` into an empty temporary folder beside `path` (these
+    functions train only when no checkpoint exists), then move the finished .safetensors/.json pair over the
+    committed one: the committed files are replaced only by a complete new pair."""
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         fresh = pathlib.Path(tmp) / path.name
         load_or_train(fresh, device="cpu")
         for suffix in (".safetensors", ".json"):
             fresh.with_name(fresh.name + suffix).replace(path.with_name(path.name + suffix))
+
+
+def _rope_context_extension(path: pathlib.Path) -> None:
+    from llm_scratch.position.context_extension import load_or_train
+
+    _into_place(path, load_or_train)
 
 
 def _shakespeare_tokenizer(path: pathlib.Path) -> None:
@@ -42,11 +47,13 @@ def _shakespeare_tokenizer(path: pathlib.Path) -> None:
 def _shakespeare_gpt(path: pathlib.Path) -> None:
     from llm_scratch.training.pretrained import load_or_pretrain
 
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # as for rope_context_extension above
-        fresh = pathlib.Path(tmp) / path.name
-        load_or_pretrain(fresh, device="cpu")
-        for suffix in (".safetensors", ".json"):
-            fresh.with_name(fresh.name + suffix).replace(path.with_name(path.name + suffix))
+    _into_place(path, load_or_pretrain)
+
+
+def _shakespeare_sft(path: pathlib.Path) -> None:
+    from llm_scratch.training.pretrained import load_or_finetune
+
+    _into_place(path, load_or_finetune)
 
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -57,6 +64,7 @@ ARTIFACTS: dict[str, tuple[str, Callable[[pathlib.Path], None], tuple[str, ...]]
     "rope_context_extension": ("data/checkpoints/rope_context_extension", _rope_context_extension,
                                (".safetensors", ".json")),
     "shakespeare_gpt": ("data/checkpoints/shakespeare_gpt", _shakespeare_gpt, (".safetensors", ".json")),
+    "shakespeare_sft": ("data/checkpoints/shakespeare_sft", _shakespeare_sft, (".safetensors", ".json")),
 }
 
 

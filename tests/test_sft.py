@@ -160,3 +160,35 @@ def test_sft_trainer_trains_on_answer_tokens_only(tokenizer, examples):
     assert trainer.tokens_seen == expected_targets  # answer tokens and end-of-turn tokens only
     assert history.val_loss and all(torch.isfinite(torch.tensor(history.train_loss)))
     assert history.train_loss[-1] < history.train_loss[0]
+
+
+def test_committed_sft_model_loads_strictly_and_reproduces_its_accuracy(tokenizer):
+    """The SFT model later chapters start from: strict keys, the settings `make artifacts` would use, and its
+    recorded held-out accuracy recomputed by greedy generation. Greedy decoding can flip where two logits
+    nearly tie, and another CPU sums in another order, so each family may differ by one example of 50."""
+    from llm_scratch.checkpoint import checkpoint_paths
+    from llm_scratch.training.pretrained import SFT_TRAINING, SHAKESPEARE_SFT, load_or_finetune, sft_eval_examples
+    from llm_scratch.training.sft import evaluate_tasks
+
+    st_path, json_path = checkpoint_paths(SHAKESPEARE_SFT)
+    assert st_path.exists() and json_path.exists(), "run `make artifacts` to build it"
+    model, info = load_or_finetune(device="cpu")
+    meta = info["metadata"]
+    assert {k: meta[k] for k in SFT_TRAINING} == SFT_TRAINING
+    assert set(meta["accuracy"]) == {"pretrained_base", "random_init_sft", "pretrained_sft"}
+    examples = sft_eval_examples()
+    accuracy = evaluate_tasks(model, tokenizer, examples)
+    recorded = meta["accuracy"]["pretrained_sft"]
+    assert set(accuracy) == set(recorded)
+    per_family = SFT_TRAINING["eval_per_family"]
+    for family, value in accuracy.items():
+        slack = 1 / per_family if family != "all" else 2 / len(examples)
+        assert abs(value - recorded[family]) <= slack + 1e-9, (family, value, recorded[family])
+
+
+def test_committed_checkpoints_stay_small():
+    """GUIDE.md: the committed models are a few MB each, well under 20 MB in all."""
+    from llm_scratch.training.pretrained import REPO_ROOT
+
+    total = sum(p.stat().st_size for p in (REPO_ROOT / "data" / "checkpoints").glob("*.safetensors"))
+    assert total < 16 * 2**20, f"{total / 2**20:.1f} MiB of checkpoints"

@@ -300,7 +300,73 @@ def bench_mixers(device: torch.device, quick: bool) -> None:
     print(f"chunked / sequential SSD speed-up at T={lengths[-1]}: {times[MIXERS[3]][-1] / times[MIXERS[2]][-1]:.1f}x")
 
 
-BENCHMARKS = [bench_sdpa_paths, bench_kv_cache_decode, bench_bpe, bench_gpt2, bench_mixers]
+def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
+               if torch.is_tensor(t))
+
+
+def bench_sft(device: torch.device, quick: bool) -> None:
+    """One SFT training step on packed task rows: full fine-tuning vs LoRA (r=8 on every attention and MLP
+    projection), AdamW. Tokens/s counts the rows' real (non-pad) tokens; memory is parameters + AdamW state +
+    the step's peak of activations and gradients (CUDA: the allocator's peak over the whole step)."""
+    from llm_scratch.models.gpt2 import GPT2, GPT2Config
+    from llm_scratch.tasks import make_tasks
+    from llm_scratch.tokenizer import get_tokenizer
+    from llm_scratch.training.lora import apply_lora
+    from llm_scratch.training.losses import cross_entropy_loss
+    from llm_scratch.training.sft import SFTDataset
+
+    tokenizer = get_tokenizer("shakespeare")
+    B, T = (8, 128) if quick else (16, 128)
+    data = SFTDataset(tokenizer, make_tasks(100, "train"), context_length=T, pack=True)
+    rows = [data[i] for i in range(B)]
+    real_tokens = sum(len(x) for row in rows for x, _ in row)
+    inputs, targets = data.collate(rows)
+    inputs, targets = {k: v.to(device) for k, v in inputs.items()}, targets.to(device)
+    d, layers, heads = (256, 4, 4) if quick else (512, 8, 8)
+    cfg = GPT2Config(vocab_size=tokenizer.n_vocab, context_length=T, d_model=d, n_layers=layers, n_heads=heads)
+    targets_lora = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+    runs = {}
+    for name in ("full", "LoRA r=8"):
+        torch.manual_seed(0)
+        model = GPT2(cfg).to(device).train()
+        if name != "full":
+            apply_lora(model, targets_lora, r=8, alpha=16)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+
+        def step(model=model, optimizer=optimizer):
+            cross_entropy_loss(model(**inputs), targets).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        step()  # creates AdamW's state
+        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            with _PeakTensorBytes() as tracker:
+                step()
+            peak = param_bytes + _state_bytes(optimizer) + tracker.peak
+        runs[name] = {"step": step, "trainable": sum(p.numel() for p in trainable),
+                      "state": _state_bytes(optimizer), "peak": peak}
+    ms = timeit_interleaved({name: run["step"] for name, run in runs.items()}, device, 3 if quick else 5)
+    total = sum(p.numel() for p in GPT2(cfg).parameters())
+    print(f"\nSFT step, GPT-2 d={d} L={layers} ({total / 1e6:.1f}M parameters), {B} packed rows x {T} "
+          f"({real_tokens} real tokens), AdamW fp32")
+    print(f"{'':>10} {'trainable':>11} {'AdamW state MiB':>16} {'peak MiB':>9} {'ms/step':>8} {'tokens/s':>9}")
+    for name, run in runs.items():
+        print(f"{name:>10} {run['trainable']:>11,} {run['state'] / 2**20:>16.2f} {run['peak'] / 2**20:>9.1f} "
+              f"{ms[name]:>8.0f} {real_tokens / ms[name] * 1e3:>9.0f}")
+    print(f"LoRA / full: speed {ms['full'] / ms['LoRA r=8']:.2f}x, peak memory "
+          f"{runs['LoRA r=8']['peak'] / runs['full']['peak']:.2f}x")
+
+
+BENCHMARKS = [bench_sdpa_paths, bench_kv_cache_decode, bench_bpe, bench_gpt2, bench_mixers, bench_sft]
 
 
 def main() -> None:
