@@ -129,16 +129,20 @@ class DPOTrainer(PreferenceTrainer):
         dpo_loss(*(torch.zeros(1),) * 4, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)  # validate
         super().__init__(policy, train_data, val_data, cfg, device)
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
-        reference = (ref_model if ref_model is not None else copy.deepcopy(policy)).to(self.device).eval()
-        reference.requires_grad_(False)
         # with precompute_ref: (N, 2) reference log-probs of the train and validation pairs, and no reference model
         self.ref_train = self.ref_val = None
         if precompute_ref:
+            # before the first step the policy *is* the reference: no copy is needed to score the pairs once
+            reference = (ref_model if ref_model is not None else self.model).to(self.device)
+            was_training = reference.training
+            reference.eval()
             self.ref_train = self._reference_logps(reference, train_data)
             self.ref_val = self._reference_logps(reference, val_data) if val_data is not None else None
+            reference.train(was_training)
             self.reference = None
         else:
-            self.reference = reference
+            self.reference = (ref_model if ref_model is not None else copy.deepcopy(policy)).to(self.device).eval()
+            self.reference.requires_grad_(False)
 
     @property
     def policy(self) -> nn.Module:
