@@ -113,8 +113,8 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
 
 class DPOTrainer(PreferenceTrainer):
     """Trains `policy` on preference pairs with dpo_loss; the reference is a frozen copy of the starting policy
-    (or `ref_model`), or, with precompute_ref=True, its log-probabilities computed once before training (then
-    no second model is held in memory during training).
+    (or `ref_model`, which is put in eval mode and frozen in place), or, with precompute_ref=True, its
+    log-probabilities computed once before training (then no second model is held in memory during training).
 
     cfg: the pretraining engine's TrainConfig (steps, batch size in pairs, lr schedule, clipping, seed); DPO's
     own settings are beta, loss_type and label_smoothing (see dpo_loss). Metrics: loss, reward_accuracy (share of
