@@ -25,9 +25,13 @@ DeepSeekMath's Eq. 3-4, which is TRL with that flag off.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
-__all__ = ["LOSS_TYPES", "group_advantages", "policy_loss"]
+from llm_scratch.generation import generate
+
+__all__ = ["LOSS_TYPES", "Rollout", "group_advantages", "per_token_logps", "policy_loss", "sample_completions"]
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 
@@ -109,3 +113,81 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
     if loss_type in ("bnpo", "dapo"):  # one mean over every completion token of the batch
         return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
     return (per_token * mask).sum() / (logps.shape[0] * max_completion_length)  # dr_grpo
+
+
+# --- rollouts -------------------------------------------------------------------------------------------------
+
+@dataclass
+class Rollout:
+    """G sampled completions per prompt, group after group (rows g·G ... g·G + G − 1 answer prompt g).
+
+    prompt_ids, prompt_mask: (B, P) left-padded prompts, True on real tokens. completion_ids (B, T): the sampled
+    tokens; completion_mask (B, T) bool: True up to and including the first end-of-turn token (what the policy
+    actually wrote), False after it. logps (B, T): the sampling policy's log-probabilities of those tokens
+    (`old_logps` of the policy loss); ref_logps likewise for the reference model, when one was given.
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    logps: torch.Tensor
+    group_size: int
+    ref_logps: torch.Tensor | None = field(default=None)
+
+
+def per_token_logps(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """log π(completion token t | prompt, completion <t) for every completion position -> (B, T).
+
+    One forward pass over [left-padded prompt | completion]; the logits at position P − 1 + t score completion
+    token t. Logits are divided by the sampling temperature first (as TRL does), so that on-policy ratios are 1.
+    Positions after a completion's end are computed too (they see only earlier tokens); the mask drops them.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for log-probabilities, got {temperature}")
+    P, T = prompt_ids.shape[1], completion_ids.shape[1]
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    padding_mask = torch.cat([prompt_mask, torch.ones_like(completion_ids, dtype=torch.bool)], dim=1)
+    logits = model(input_ids, padding_mask=padding_mask)[:, P - 1:P - 1 + T].float() / temperature  # (B, T, V)
+    return logits.gather(-1, completion_ids[..., None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+@torch.no_grad()
+def sample_completions(model, prompts: list[list[int]], group_size: int, max_new_tokens: int, eos_token_id: int,
+                       temperature: float = 1.0, top_p: float | None = None, ref_model=None,
+                       generator: torch.Generator | None = None) -> Rollout:
+    """Sample group_size completions of every prompt in one batch with the KV-cache generator.
+
+    prompts: token ids of each prompt (e.g. the chat template with an open assistant turn). Each prompt is
+    repeated group_size times, the batch is left-padded and decoded together (`generate`), and each completion
+    is cut after its first eos_token_id. The log-probabilities are then computed by a forward pass of the
+    sampling policy (and of ref_model, if given) over prompt + completion, exactly as the policy loss will.
+    """
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token lists")
+    device = next(model.parameters()).device
+    repeated = [p for p in prompts for _ in range(group_size)]  # group after group
+    P = max(len(p) for p in repeated)
+    prompt_ids = torch.full((len(repeated), P), eos_token_id, dtype=torch.long, device=device)
+    prompt_mask = torch.zeros(len(repeated), P, dtype=torch.bool, device=device)
+    for b, p in enumerate(repeated):
+        prompt_ids[b, P - len(p):] = torch.tensor(p, device=device)
+        prompt_mask[b, P - len(p):] = True
+    out = generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_p=top_p,
+                   eos_token_id=eos_token_id, padding_mask=prompt_mask, generator=generator)
+    completion_ids = out[:, P:]
+    is_eos = completion_ids == eos_token_id
+    # True through the first eos: the number of eos strictly before position t must be 0
+    completion_mask = (is_eos.cumsum(dim=1) - is_eos.long()) == 0
+    was_training = model.training
+    model.eval()
+    logps = per_token_logps(model, prompt_ids, prompt_mask, completion_ids, temperature if temperature > 0 else 1.0)
+    model.train(was_training)
+    ref_logps = None
+    if ref_model is not None:
+        ref_logps = per_token_logps(ref_model.eval(), prompt_ids, prompt_mask, completion_ids,
+                                    temperature if temperature > 0 else 1.0)
+    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, logps, group_size, ref_logps)

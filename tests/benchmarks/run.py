@@ -366,7 +366,51 @@ def bench_sft(device: torch.device, quick: bool) -> None:
           f"{runs['LoRA r=8']['peak'] / runs['full']['peak']:.2f}x")
 
 
-BENCHMARKS = [bench_sdpa_paths, bench_kv_cache_decode, bench_bpe, bench_gpt2, bench_mixers, bench_sft]
+def bench_rollouts(device: torch.device, quick: bool) -> None:
+    """GRPO rollouts with the committed SFT model: G completions of each prompt sampled in one left-padded batch
+    with the KV cache (sample_completions) vs one completion at a time without a cache. Tokens/s counts the
+    completion tokens up to each end of turn (both sample until the end of turn or max_new_tokens)."""
+    from llm_scratch.generation import generate
+    from llm_scratch.tasks import make_tasks
+    from llm_scratch.tokenizer import get_tokenizer
+    from llm_scratch.training.grpo import sample_completions
+    from llm_scratch.training.pretrained import load_or_finetune
+    from llm_scratch.training.sft import encode_prompt
+
+    model, _ = load_or_finetune(device=device, progress=False)
+    tokenizer = get_tokenizer("shakespeare")
+    eos = tokenizer.encode("<|im_end|>", allowed_special={"<|im_end|>"})[0]
+    n_prompts, G, new = (2, 4, 16) if quick else (8, 8, 32)
+    prompts = [encode_prompt(tokenizer, ex) for ex in make_tasks(n_prompts, "test", families=["word_problem"])]
+    generator = torch.Generator(device=device).manual_seed(0)
+    sample_completions(model, prompts[:1], 2, 4, eos, temperature=1.0, generator=generator)  # warm-up
+    generate(model, torch.tensor([prompts[0]], device=device), 4, temperature=1.0, use_cache=False,
+             generator=generator)
+
+    start = time.perf_counter()
+    rollout = sample_completions(model, prompts, G, new, eos, temperature=1.0, generator=generator)
+    if device.type != "cpu":
+        torch.accelerator.synchronize()
+    batched_s, batched_tokens = time.perf_counter() - start, int(rollout.completion_mask.sum())
+
+    start, loop_tokens = time.perf_counter(), 0
+    for p in prompts:
+        for _ in range(G):
+            out = generate(model, torch.tensor([p], device=device), new, temperature=1.0, use_cache=False,
+                           eos_token_id=eos, generator=generator)[0, len(p):].tolist()
+            loop_tokens += out.index(eos) + 1 if eos in out else len(out)
+    if device.type != "cpu":
+        torch.accelerator.synchronize()
+    loop_s = time.perf_counter() - start
+    print(f"\nGRPO rollouts, SFT model (1.3M parameters), {n_prompts} prompts x G={G}, up to {new} new tokens, "
+          "temperature 1 (completion tokens/s)")
+    for name, tokens, seconds in (("one batch, KV cache", batched_tokens, batched_s),
+                                  ("one at a time, no cache", loop_tokens, loop_s)):
+        print(f"{name:>28} {tokens / seconds:>10.0f}   ({tokens} tokens in {seconds:.2f} s)")
+    print(f"speed-up: {(batched_tokens / batched_s) / (loop_tokens / loop_s):.1f}x")
+
+
+BENCHMARKS = [bench_sdpa_paths, bench_kv_cache_decode, bench_bpe, bench_gpt2, bench_mixers, bench_sft, bench_rollouts]
 
 
 def main() -> None:

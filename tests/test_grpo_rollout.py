@@ -1,0 +1,85 @@
+"""GRPO rollouts: G completions per prompt in one cached batch, their mask, and their log-probabilities."""
+
+import copy
+
+import pytest
+import torch
+
+from llm_scratch.generation import generate
+from llm_scratch.models.gpt2 import GPT2, GPT2Config
+from llm_scratch.training.grpo import per_token_logps, policy_loss, sample_completions
+
+EOS = 3
+
+
+def _model():
+    torch.manual_seed(0)
+    return GPT2(GPT2Config(vocab_size=11, context_length=40, d_model=32, n_layers=2, n_heads=4)).eval()
+
+
+PROMPTS = [[5, 6, 7], [8], [9, 10, 4, 5, 6]]
+
+
+def test_per_token_logps_equal_each_sequence_alone():
+    model = _model()
+    g = torch.Generator().manual_seed(1)
+    completions = torch.randint(0, 11, (len(PROMPTS), 6), generator=g)
+    P = max(len(p) for p in PROMPTS)
+    ids = torch.zeros(len(PROMPTS), P, dtype=torch.long)
+    mask = torch.zeros(len(PROMPTS), P, dtype=torch.bool)
+    for b, p in enumerate(PROMPTS):  # left padding
+        ids[b, P - len(p):], mask[b, P - len(p):] = torch.tensor(p), True
+    with torch.no_grad():
+        batched = per_token_logps(model, ids, mask, completions, temperature=0.7)
+        for b, p in enumerate(PROMPTS):
+            seq = torch.tensor(p + completions[b].tolist())[None]
+            logits = model(seq)[0, len(p) - 1:-1] / 0.7  # position t scores token t + 1
+            alone = torch.log_softmax(logits, -1).gather(-1, completions[b][:, None]).squeeze(-1)
+            torch.testing.assert_close(batched[b], alone, atol=1e-5, rtol=0)
+
+
+def test_greedy_rollouts_repeat_generate_and_cut_at_the_end_of_turn():
+    model = _model()
+    G = 3
+    rollout = sample_completions(model, PROMPTS, group_size=G, max_new_tokens=8, eos_token_id=EOS, temperature=0.0)
+    assert rollout.completion_ids.shape == (len(PROMPTS) * G, 8) and rollout.group_size == G
+    for i, p in enumerate(PROMPTS):
+        alone = generate(model, torch.tensor([p]), 8, eos_token_id=EOS)[0, len(p):]
+        for r in range(i * G, (i + 1) * G):  # group after group; greedy: every member the same
+            n = rollout.completion_mask[r].sum()
+            assert torch.equal(rollout.completion_ids[r, :len(alone)], alone)
+            ended = (alone == EOS).nonzero()
+            expected_n = int(ended[0]) + 1 if len(ended) else 8  # through the first end-of-turn token
+            assert n == expected_n and rollout.completion_mask[r, :n].all()
+
+
+def test_sampled_rollouts_mask_and_on_policy_ratio():
+    model = _model()
+    rollout = sample_completions(model, PROMPTS, group_size=4, max_new_tokens=10, eos_token_id=EOS, temperature=1.0,
+                                 ref_model=copy.deepcopy(model), generator=torch.Generator().manual_seed(0))
+    ids, mask = rollout.completion_ids, rollout.completion_mask
+    for r in range(ids.shape[0]):
+        row, m = ids[r].tolist(), mask[r].tolist()
+        first = row.index(EOS) if EOS in row else len(row)
+        assert m == [t <= first for t in range(len(row))]  # through the first eos, nothing after
+        assert all(t == EOS for t in row[first:])  # finished rows keep emitting eos
+    assert len({tuple(r) for r in ids.tolist()}) > 1  # sampling differs across the group
+    torch.testing.assert_close(rollout.ref_logps, rollout.logps)  # the reference is the same model here
+    # on-policy: recomputed log-probs equal the rollout's, every ratio is 1, so the loss is -mean(A)
+    model.train()
+    logps = per_token_logps(model, rollout.prompt_ids, rollout.prompt_mask, ids)
+    torch.testing.assert_close(logps.detach(), rollout.logps, atol=1e-5, rtol=0)
+    advantages = torch.randn(ids.shape[0])
+    loss = policy_loss(logps, rollout.logps, advantages, mask)
+    assert loss.item() == pytest.approx(-advantages.mean().item(), abs=1e-4)
+
+
+def test_rollout_errors():
+    model = _model()
+    with pytest.raises(ValueError, match="group_size"):
+        sample_completions(model, PROMPTS, group_size=0, max_new_tokens=2, eos_token_id=EOS)
+    with pytest.raises(ValueError, match="prompts"):
+        sample_completions(model, [[1], []], group_size=2, max_new_tokens=2, eos_token_id=EOS)
+    with pytest.raises(ValueError, match="temperature"):
+        per_token_logps(model, torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool),
+                        torch.ones(1, 2, dtype=torch.long), temperature=0.0)
