@@ -83,3 +83,39 @@ def test_rollout_errors():
     with pytest.raises(ValueError, match="temperature"):
         per_token_logps(model, torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool),
                         torch.ones(1, 2, dtype=torch.long), temperature=0.0)
+
+
+class _DigitTokenizer:
+    def decode(self, ids):
+        return " ".join(str(t) for t in ids)
+
+
+def test_grpo_trainer_raises_a_rewarded_behaviour():
+    """Reward 1 when the completion starts with token 7 (about 1 in 11 at random): GRPO makes it the habit."""
+    from llm_scratch.training.grpo import GRPOConfig, GRPOTrainer
+
+    model = _model().train()
+    prompts = [[4 + i % 5, 5, 6 + i % 3] for i in range(16)]
+
+    def reward_fn(completions, indices):
+        assert len(completions) == len(indices) == 4 * 6
+        return [1.0 if c.split()[:1] == ["7"] else 0.0 for c in completions]
+
+    cfg = GRPOConfig(steps=25, prompts_per_step=4, group_size=6, max_new_tokens=3, lr=1e-2, beta=0.04)
+    trainer = GRPOTrainer(model, _DigitTokenizer(), prompts, reward_fn, cfg, eos_token_id=EOS, device="cpu")
+    history = trainer.train()
+    rewards = history.metrics["reward"]
+    assert len(rewards) == 25 and set(history.metrics) >= {"reward", "kl", "clip_fraction", "completion_length"}
+    assert sum(rewards[:5]) / 5 < 0.3 and sum(rewards[-5:]) / 5 > 0.8
+    assert all(k >= 0 for k in history.metrics["kl"])
+
+
+def test_grpo_config_errors():
+    from llm_scratch.training.grpo import GRPOConfig
+
+    with pytest.raises(ValueError, match="group_size"):
+        GRPOConfig(steps=1, group_size=1)
+    with pytest.raises(ValueError, match="loss_type"):
+        GRPOConfig(steps=1, loss_type="ppo")
+    with pytest.raises(ValueError, match="steps"):
+        GRPOConfig(steps=0)

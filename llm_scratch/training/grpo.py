@@ -25,13 +25,18 @@ DeepSeekMath's Eq. 3-4, which is TRL with that flag off.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
+from llm_scratch.device import get_device
 from llm_scratch.generation import generate
+from llm_scratch.training.engine import ResumableBatches
 
-__all__ = ["LOSS_TYPES", "Rollout", "group_advantages", "per_token_logps", "policy_loss", "sample_completions"]
+__all__ = ["LOSS_TYPES", "GRPOConfig", "GRPOTrainer", "Rollout", "group_advantages", "per_token_logps", "policy_loss",
+           "sample_completions"]
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 
@@ -191,3 +196,136 @@ def sample_completions(model, prompts: list[list[int]], group_size: int, max_new
         ref_logps = per_token_logps(ref_model.eval(), prompt_ids, prompt_mask, completion_ids,
                                     temperature if temperature > 0 else 1.0)
     return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, logps, group_size, ref_logps)
+
+
+# --- the training loop ---------------------------------------------------------------------------------------
+
+@dataclass
+class GRPOConfig:
+    """Settings of a GRPO run. Defaults follow DeepSeekMath (section 4.1) and TRL where they fit a small model."""
+
+    steps: int
+    prompts_per_step: int = 8
+    group_size: int = 8  # G completions per prompt
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float | None = None
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    beta: float = 0.04  # weight of the KL to the reference (0: no reference model is needed)
+    epsilon_low: float = 0.2
+    epsilon_high: float | None = None
+    loss_type: str = "grpo"
+    importance_sampling_level: str = "token"  # "sequence": GSPO
+    scale_rewards: str = "group"
+    updates_per_rollout: int = 1  # μ in DeepSeekMath's Algorithm 1: > 1 makes later updates off-policy
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "updates_per_rollout"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (the group is the baseline), got {self.group_size}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+
+
+@dataclass
+class GRPOHistory:
+    step: list[int] = field(default_factory=list)
+    metrics: dict[str, list[float]] = field(default_factory=dict)  # name -> one value per step
+
+
+class GRPOTrainer:
+    """GRPO on prompts with a programmatic reward (DeepSeekMath, Algorithm 1, with one policy model).
+
+    Each step: draw prompts_per_step prompts, sample group_size completions of each with the current policy
+    (which is π_old for this step), score them with `reward_fn`, turn the rewards into group advantages, then
+    take updates_per_rollout optimizer steps on the clipped objective. The reference for the KL term is a frozen
+    copy of the starting policy (or `ref_model`).
+
+    prompts: token ids of each prompt. reward_fn(completions, indices) -> rewards: the decoded completions (text up
+    to the end-of-turn token) and the indices of the prompts they answer, one float per completion.
+    Metrics per step: reward (mean), reward_std (mean within groups), completion_length (tokens, end of turn
+    included), clip_fraction (share of tokens whose ratio left [1 − ε_low, 1 + ε_high] in the last update), kl (mean
+    k3 per token against the reference, when β > 0), loss.
+    """
+
+    def __init__(self, policy: nn.Module, tokenizer, prompts: list[list[int]], reward_fn, cfg: GRPOConfig,
+                 eos_token_id: int, ref_model: nn.Module | None = None, device: torch.device | str | None = None):
+        if len(prompts) < cfg.prompts_per_step:
+            raise ValueError(f"{len(prompts)} prompts, fewer than prompts_per_step={cfg.prompts_per_step}")
+        self.cfg, self.tokenizer, self.prompts, self.reward_fn, self.eos = cfg, tokenizer, prompts, reward_fn, \
+            eos_token_id
+        self.device = torch.device(device) if device is not None else get_device()
+        self.policy = policy.to(self.device)
+        self.reference = None
+        if cfg.beta > 0:
+            self.reference = (ref_model if ref_model is not None else copy.deepcopy(policy)).to(self.device).eval()
+            self.reference.requires_grad_(False)
+        self.optimizer = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad], lr=cfg.lr,
+                                           weight_decay=cfg.weight_decay)
+        self.batches = ResumableBatches(range(len(prompts)), cfg.prompts_per_step, seed=cfg.seed,
+                                        collate=lambda items: items)  # prompt indices
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.step = 0
+        self.history = GRPOHistory()
+
+    def decode(self, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
+        """The text of each completion, without its end-of-turn token."""
+        texts = []
+        for ids, mask in zip(completion_ids.tolist(), completion_mask.tolist(), strict=True):
+            kept = [t for t, m in zip(ids, mask, strict=True) if m and t != self.eos]
+            texts.append(self.tokenizer.decode(kept))
+        return texts
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        indices = next(self.batches)
+        rollout = sample_completions(self.policy, [self.prompts[i] for i in indices], cfg.group_size,
+                                     cfg.max_new_tokens, self.eos, temperature=cfg.temperature, top_p=cfg.top_p,
+                                     ref_model=self.reference, generator=self.generator)
+        group_of = [i for i in indices for _ in range(cfg.group_size)]
+        rewards = torch.tensor(self.reward_fn(self.decode(rollout.completion_ids, rollout.completion_mask), group_of),
+                               dtype=torch.float32, device=self.device)
+        advantages = group_advantages(rewards, cfg.group_size, scale=cfg.scale_rewards)
+        temperature = cfg.temperature if cfg.temperature > 0 else 1.0
+        mask = rollout.completion_mask
+        self.policy.train()
+        for _ in range(cfg.updates_per_rollout):
+            logps = per_token_logps(self.policy, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
+                                    temperature)
+            loss = policy_loss(logps, rollout.logps, advantages, mask, ref_logps=rollout.ref_logps, beta=cfg.beta,
+                               epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
+                               importance_sampling_level=cfg.importance_sampling_level,
+                               max_completion_length=cfg.max_new_tokens)
+            loss.backward()
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        with torch.no_grad():
+            m = mask.float()
+            ratio = (logps.detach() - rollout.logps).exp()
+            eps_high = cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon_low
+            clipped = ((ratio < 1 - cfg.epsilon_low) | (ratio > 1 + eps_high)).float()
+            metrics = {"reward": rewards.mean().item(),
+                       "reward_std": rewards.view(-1, cfg.group_size).std(dim=1).mean().item(),
+                       "completion_length": m.sum(1).mean().item(),
+                       "clip_fraction": ((clipped * m).sum() / m.sum()).item(), "loss": loss.item()}
+            if rollout.ref_logps is not None:
+                delta = rollout.ref_logps - logps.detach()
+                metrics["kl"] = (((delta.exp() - delta - 1) * m).sum() / m.sum()).item()
+        return metrics
+
+    def train(self, steps: int | None = None) -> GRPOHistory:
+        end = self.cfg.steps if steps is None else min(self.cfg.steps, self.step + steps)
+        while self.step < end:
+            metrics = self.train_step()
+            self.history.step.append(self.step)
+            for k, v in metrics.items():
+                self.history.metrics.setdefault(k, []).append(v)
+        return self.history
