@@ -28,8 +28,8 @@ import pytest
 import torch
 import trl
 from datasets import Dataset
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from hf_tiny import char_tokenizer, tiny_gpt2
+from transformers import GPT2LMHeadModel
 
 from llm_scratch.models.hf import load_hf_checkpoint
 from llm_scratch.training.dpo import completion_logps, dpo_loss
@@ -51,23 +51,11 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/acc
 
 
 def _tokenizer():
-    """One token per character (WordLevel over single characters), <eos> and <pad> as special tokens."""
-    tokenizer = Tokenizer(models.WordLevel(VOCAB, unk_token="<pad>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tokenizer.decoder = decoders.Fuse()  # decode joins the characters without spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<pad>")
+    return char_tokenizer(VOCAB)
 
 
 def _save_model(seed, folder):
-    torch.manual_seed(seed)
-    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=len(VOCAB), resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0, bos_token_id=1,
-                        eos_token_id=1, pad_token_id=0)
-    model = GPT2LMHeadModel(config)
-    with torch.no_grad():  # larger than the 0.02 init, so the log-probabilities are far from uniform
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(folder)
+    tiny_gpt2(seed, len(VOCAB), n_embd=32, n_positions=64).save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")

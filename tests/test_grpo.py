@@ -43,8 +43,8 @@ import pytest
 import torch
 import trl
 from datasets import Dataset
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from hf_tiny import char_tokenizer, tiny_gpt2
+from transformers import GPT2LMHeadModel
 from trl.trainer.utils import nanstd
 
 from llm_scratch.training.grpo import LOSS_TYPES, group_advantages, policy_loss
@@ -62,24 +62,13 @@ CONFIGS = [(lt, lv, b, e) for lt in LOSS_TYPES for lv in LEVELS for b in BETAS f
 
 
 def _tokenizer():
-    """One token per character (WordLevel over single characters), <eos> and <pad> as special tokens."""
-    tokenizer = Tokenizer(models.WordLevel(VOCAB, unk_token="<pad>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tokenizer.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<pad>")
+    return char_tokenizer(VOCAB)
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("grpo_trl")
-    torch.manual_seed(0)
-    config = GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=32, vocab_size=len(VOCAB), resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0, bos_token_id=1,
-                        eos_token_id=1, pad_token_id=0)
-    model = GPT2LMHeadModel(config)
-    with torch.no_grad():  # larger than the 0.02 init, so the log-probabilities are far from uniform
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+    model = tiny_gpt2(0, len(VOCAB), n_embd=16, n_positions=32)
     model.save_pretrained(root / "policy")
     return root
 
