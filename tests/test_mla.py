@@ -325,3 +325,20 @@ def test_deepseek_v3_parameter_count():
     count = lambda m: sum(p.numel() for p in m.parameters())
     # q_a 7168·1536 + norm 1536 + q_b 1536·128·192 + kv_a 7168·576 + norm 512 + kv_b 512·128·256 + o 16384·7168
     assert count(ours) == count(theirs) == 187_107_328
+
+
+@pytest.mark.parametrize("absorb", [False, True])
+@torch.no_grad()
+def test_packed_sequences_equal_each_alone(absorb):
+    """Two sequences in one row with a block-diagonal attn_mask and restarting positions: each is computed as alone."""
+    torch.manual_seed(0)
+    mla = make_mla()
+    a, b = torch.randn(1, 5, SIZES["d_model"]), torch.randn(1, 4, SIZES["d_model"])
+    segments = torch.tensor([[1] * 5 + [2] * 4])
+    attn_mask = segments[:, :, None] == segments[:, None, :]  # (1, 9, 9)
+    positions = torch.cat([torch.arange(5), torch.arange(4)])[None]
+    packed = mla(torch.cat([a, b], dim=1), attn_mask=attn_mask, positions=positions, absorb=absorb)
+    close(packed[:, :5], mla(a, absorb=absorb))
+    close(packed[:, 5:], mla(b, absorb=absorb))
+    with pytest.raises(ValueError, match="attn_mask"):
+        mla(a, attn_mask=torch.ones(5, 5, dtype=torch.bool))

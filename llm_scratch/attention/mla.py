@@ -200,6 +200,7 @@ class MultiHeadLatentAttention(nn.Module):
         padding_mask: torch.Tensor | None = None,
         cache: MLACache | None = None,
         positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
         absorb: bool = False,
         naive: bool = False,
     ) -> torch.Tensor:
@@ -211,6 +212,7 @@ class MultiHeadLatentAttention(nn.Module):
             are appended to it and the queries attend over everything it holds.
         positions: (T,) or (B, T) RoPE positions; default cache.length + 0..T-1. Left-padded
             batches should pass each sequence's own positions (e.g. padding_mask.cumsum(-1) - 1).
+        attn_mask: (B, T, T_k) bool, True = may attend, on top of the causal mask (packed sequences).
         absorb: attend over the latent with W_UK and W_UV folded in (see the module docstring)
             instead of expanding it into per-head keys and values. Same result.
         naive: use sdpa's explicit softmax(QKᵀ·scale)V path instead of the fused kernel.
@@ -246,10 +248,13 @@ class MultiHeadLatentAttention(nn.Module):
             latent, k_rope, padding_mask = cache.update(latent, k_rope, padding_mask)
 
         attend = self._attend_absorbed if absorb else self._attend_expanded
-        out = attend(q_nope, q_rope, latent, k_rope, padding_mask, naive)  # (B, H, T, d_v)
+        if attn_mask is not None and attn_mask.dim() != 3:
+            raise ValueError(f"attn_mask must have shape (B, T, T_k), got {tuple(attn_mask.shape)}")
+        mask = None if attn_mask is None else attn_mask[:, None]  # (B, 1, T, T_k): the same for every head
+        out = attend(q_nope, q_rope, latent, k_rope, padding_mask, mask, naive)  # (B, H, T, d_v)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * c.v_head_dim))  # eq. 19
 
-    def _attend_expanded(self, q_nope, q_rope, latent, k_rope, padding_mask, naive):
+    def _attend_expanded(self, q_nope, q_rope, latent, k_rope, padding_mask, attn_mask, naive):
         """Naive inference: rebuild per-head keys and values from the latent, then plain MHA.
 
         q_nope (B, H, T, d_h), q_rope (B, H, T, d_R), latent (B, S, d_c), k_rope (B, S, d_R)
@@ -264,10 +269,11 @@ class MultiHeadLatentAttention(nn.Module):
         k = torch.cat([k_nope, k_rope[:, None].expand(B, H, S, c.qk_rope_head_dim)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)  # eq. 16
         return scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=self.softmax_scale, padding_mask=padding_mask, naive=naive
+            q, k, v, attn_mask=attn_mask, is_causal=True, scale=self.softmax_scale, padding_mask=padding_mask,
+            naive=naive,
         )  # eq. 18
 
-    def _attend_absorbed(self, q_nope, q_rope, latent, k_rope, padding_mask, naive):
+    def _attend_absorbed(self, q_nope, q_rope, latent, k_rope, padding_mask, attn_mask, naive):
         """Absorbed inference: multi-query attention directly over the cached latent. Same shapes as above."""
         c = self.config
         H, Dn, Dv = c.n_heads, c.qk_nope_head_dim, c.v_head_dim
@@ -282,7 +288,7 @@ class MultiHeadLatentAttention(nn.Module):
         # The score is the same number as in the expanded path, so the scale is still 1/sqrt(d_h + d_R),
         # not 1/sqrt of this query's width.
         o_latent = scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=self.softmax_scale, enable_gqa=True,
+            q, k, v, attn_mask=attn_mask, is_causal=True, scale=self.softmax_scale, enable_gqa=True,
             padding_mask=padding_mask, naive=naive,
         )  # (B, H, T, d_c): each head's attention-weighted average of latents
         # eq. 11 + 18: Σ_j p_j W_UV_h c_j = W_UV_h Σ_j p_j c_j, so W_UV is applied once, after attention

@@ -126,8 +126,9 @@ class DeepSeekV3Block(nn.Module):
                                    seq_balance_alpha=cfg.seq_balance_alpha)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, padding_mask=None, cache=None, positions=None):
-        x = x + self.dropout(self.attn(self.attn_norm(x), padding_mask=padding_mask, cache=cache, positions=positions))
+    def forward(self, x, padding_mask=None, cache=None, positions=None, attn_mask=None):
+        x = x + self.dropout(self.attn(self.attn_norm(x), padding_mask=padding_mask, cache=cache, positions=positions,
+                                       attn_mask=attn_mask))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
