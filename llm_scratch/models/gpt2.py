@@ -150,4 +150,9 @@ class GPT2(nn.Module):
         h = self.hidden_states(input_ids, padding_mask, caches, positions, attn_mask)
         if last_only:  # generation needs the next token's logits only: skip the (T-1)·C·V head flops
             h = h[:, -1:]
-        return self.lm_head(h)  # (B, T, V)
+        return self.logits(h)  # (B, T, V)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., C) -> next-token logits (..., V): the tied head (for callers that need only some
+        positions' logits, e.g. the log-probabilities of a completion)."""
+        return self.lm_head(h)

@@ -146,15 +146,21 @@ def per_token_logps(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, 
     """log π(completion token t | prompt, completion <t) for every completion position -> (B, T).
 
     One forward pass over [left-padded prompt | completion]; the logits at position P − 1 + t score completion
-    token t. Logits are divided by the sampling temperature first (as TRL does), so that on-policy ratios are 1.
-    Positions after a completion's end are computed too (they see only earlier tokens); the mask drops them.
+    token t (for models with hidden_states() and logits(), the LM head runs at those T positions only). Logits are
+    divided by the sampling temperature first (as TRL does), so that on-policy ratios are 1. Positions after a
+    completion's end are computed too (they see only earlier tokens); the mask drops them.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probabilities, got {temperature}")
     P, T = prompt_ids.shape[1], completion_ids.shape[1]
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     padding_mask = torch.cat([prompt_mask, torch.ones_like(completion_ids, dtype=torch.bool)], dim=1)
-    logits = model(input_ids, padding_mask=padding_mask)[:, P - 1:P - 1 + T].float() / temperature  # (B, T, V)
+    if hasattr(model, "hidden_states") and hasattr(model, "logits"):  # the head at the T scoring positions only
+        h = model.hidden_states(input_ids, padding_mask=padding_mask)[:, P - 1:P - 1 + T]
+        logits = model.logits(h)
+    else:
+        logits = model(input_ids, padding_mask=padding_mask)[:, P - 1:P - 1 + T]
+    logits = logits.float() / temperature  # (B, T, V)
     return logits.gather(-1, completion_ids[..., None]).squeeze(-1) - logits.logsumexp(-1)
 
 
