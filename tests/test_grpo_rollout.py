@@ -1,6 +1,7 @@
 """GRPO rollouts: G completions per prompt in one cached batch, their mask, and their log-probabilities."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -119,3 +120,25 @@ def test_grpo_config_errors():
         GRPOConfig(steps=1, loss_type="ppo")
     with pytest.raises(ValueError, match="steps"):
         GRPOConfig(steps=0)
+
+
+def test_process_advantages_hand_worked_example():
+    """A group of two: A has steps ending at tokens 1 and 3 with rewards 1 and 0, B one step ending at 2 with
+    reward 1. Pooled step rewards [1, 0, 1]: mean 2/3, Bessel std sqrt(1/3); normalized, A's steps get
+    (1 - 2/3)/sqrt(1/3) = 0.57735 and (0 - 2/3)/sqrt(1/3) = -1.15470, B's step 0.57735."""
+    from llm_scratch.training.grpo import process_advantages
+
+    adv = process_advantages([[1.0, 0.0], [1.0]], [[1, 3], [2]], group_size=2, length=5, eps=0.0)
+    up, down = 1 / 3 / math.sqrt(1 / 3), -2 / 3 / math.sqrt(1 / 3)
+    expected = torch.tensor([[up + down, up + down, down, down, 0.0],   # tokens 0-1: both steps; 2-3: the second
+                             [up, up, up, 0.0, 0.0]])                  # after its last step: nothing
+    torch.testing.assert_close(adv, expected)
+    # a group whose steps all earn the same reward learns nothing
+    flat = process_advantages([[1.0, 1.0], [1.0]], [[0, 2], [1]], group_size=2, length=3)
+    assert torch.equal(flat, torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="increase"):
+        process_advantages([[1.0, 0.0]], [[2, 1]], group_size=1, length=4)
+    with pytest.raises(ValueError, match="group_size"):
+        process_advantages([[1.0]] * 3, [[0]] * 3, group_size=2, length=2)
+    with pytest.raises(ValueError, match="step ends"):
+        process_advantages([[1.0, 0.0]], [[1]], group_size=1, length=4)

@@ -36,7 +36,7 @@ from llm_scratch.generation import generate
 from llm_scratch.training.engine import ResumableBatches
 
 __all__ = ["LOSS_TYPES", "GRPOConfig", "GRPOTrainer", "Rollout", "group_advantages", "per_token_logps", "policy_loss",
-           "sample_completions"]
+           "process_advantages", "sample_completions"]
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 
@@ -63,6 +63,38 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     std = groups.std(dim=1).repeat_interleave(group_size) if scale == "group" else rewards.float().std()
     return centered / (std + eps)
 
+
+
+def process_advantages(step_rewards: list[list[float]], step_ends: list[list[int]], group_size: int, length: int,
+                       eps: float = 1e-4) -> torch.Tensor:
+    """Per-token advantages from per-step rewards (process supervision, DeepSeekMath section 4.1.3) -> (B, length).
+
+    Completion i of a group is split into steps; step j ends at token step_ends[i][j] and earned step_rewards[i][j]
+    (from a process reward model, or a checker of each intermediate result). Every step reward of the group is
+    normalized by the mean and the (Bessel) standard deviation of *all* the group's step rewards, and a token's
+    advantage is the sum of the normalized rewards of the steps that end at or after it: its own step and every
+    later one. Tokens after a completion's last step get 0. Pass the result to policy_loss as (B, T) advantages.
+    """
+    B = len(step_rewards)
+    if len(step_ends) != B:
+        raise ValueError(f"step_rewards has {B} completions, step_ends {len(step_ends)}")
+    if not isinstance(group_size, int) or group_size < 1 or B % group_size:
+        raise ValueError(f"the batch of {B} completions is not a multiple of group_size={group_size!r}")
+    for i, (rewards, ends) in enumerate(zip(step_rewards, step_ends, strict=True)):
+        if len(rewards) != len(ends):
+            raise ValueError(f"completion {i} has {len(rewards)} step rewards but {len(ends)} step ends")
+        if any(not 0 <= e < length for e in ends) or any(a >= b for a, b in zip(ends, ends[1:], strict=False)):
+            raise ValueError(f"completion {i}: step ends must increase strictly within [0, {length}), got {ends}")
+    advantages = torch.zeros(B, length)
+    for g in range(0, B, group_size):
+        pooled = torch.tensor([r for rewards in step_rewards[g:g + group_size] for r in rewards], dtype=torch.float32)
+        mean = pooled.mean() if len(pooled) else torch.tensor(0.0)
+        std = pooled.std() if len(pooled) > 1 else torch.tensor(0.0)
+        for i in range(g, g + group_size):
+            for reward, end in zip(step_rewards[i], step_ends[i], strict=True):
+                normalized = (reward - mean) / (std + eps)
+                advantages[i, :end + 1] += normalized  # every token up to this step's end sees this step's reward
+    return advantages
 
 def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, loss_mask: torch.Tensor,
                 ref_logps: torch.Tensor | None = None, beta: float = 0.0, epsilon_low: float = 0.2,
