@@ -24,8 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
-__all__ = ["FAMILIES", "SPLITS", "Example", "PreferencePair", "make_line_classification", "make_preference_pairs",
-           "make_tasks", "split_of"]
+__all__ = ["FAMILIES", "SPLITS", "Example", "PreferencePair", "SumChain", "make_line_classification",
+           "make_preference_pairs", "make_sum_chains", "make_tasks", "split_of"]
 
 SPLITS = {"train": (0.0, 0.8), "validation": (0.8, 0.9), "test": (0.9, 1.0)}  # shares of the hash range
 NUMERIC = {"add", "subtract", "multiply", "word_problem", "count_letter"}
@@ -316,3 +316,85 @@ def make_preference_pairs(n_per_family: int, split: str = "train", seed: int = 0
     flip = set(random.Random(f"{seed}:flip:{split}:{noise}").sample(range(len(pairs)), n_flip))
     return [PreferencePair(p.example, p.rejected, p.chosen, True, p.mistake) if i in flip else p
             for i, p in enumerate(pairs)]
+
+
+# --- multi-step sums: every intermediate result can be checked (process supervision) ---------------------------
+
+@dataclass(frozen=True)
+class SumChain:
+    """A sum of single-digit terms solved one running total at a time: prompt "5+3+8=", solution "8;16".
+
+    Each step of the solution is one partial sum (the first two terms, then each further term added), so a
+    solution of n terms has n − 1 steps, separated by ";", and the last step is the answer. A checker can grade
+    each step on its own, which is what process supervision needs (DeepSeekMath section 4.1.3).
+    """
+
+    terms: tuple[int, ...]
+
+    @property
+    def prompt(self) -> str:
+        return "+".join(map(str, self.terms)) + "="
+
+    @property
+    def partial_sums(self) -> tuple[int, ...]:
+        sums, total = [], self.terms[0]
+        for t in self.terms[1:]:
+            total += t
+            sums.append(total)
+        return tuple(sums)
+
+    @property
+    def solution(self) -> str:
+        return ";".join(map(str, self.partial_sums))
+
+    def check(self, completion: str) -> bool:
+        """Outcome: the last step written is the total (the steps before it are not looked at; a trailing ";" is
+        ignored, as in step_rewards)."""
+        return completion.removesuffix(";").split(";")[-1].strip() == str(self.partial_sums[-1])
+
+    def step_rewards(self, completion: str) -> tuple[list[float], list[int]]:
+        """(reward of each written step, index of each step's last character in `completion`).
+
+        Step j earns 1.0 when it is the j-th partial sum, else 0.0; steps beyond the last partial sum earn 0.0.
+        An empty step (two ";" in a row, or an empty completion) is a step too and earns 0.0; its "last
+        character" is the separator after it (or 0 for an empty completion).
+        """
+        rewards, ends, start = [], [], 0
+        for j, piece in enumerate(completion.split(";")):
+            end = start + len(piece)  # the separator's index, or len(completion) for the last piece
+            last = end - 1 if piece else min(end, max(len(completion) - 1, 0))
+            right = j < len(self.partial_sums) and piece.strip() == str(self.partial_sums[j])
+            rewards.append(1.0 if right else 0.0)
+            ends.append(last)
+            start = end + 1
+        if not completion:
+            return [0.0], [0]
+        if completion.endswith(";"):  # a trailing separator starts no step
+            rewards, ends = rewards[:-1], ends[:-1]
+        return rewards, ends
+
+
+def make_sum_chains(n: int, split: str = "train", n_terms: int = 3, seed: int = 0) -> list[SumChain]:
+    """n distinct sums of n_terms digits 1..9 that belong to `split` (by a hash of the prompt, as make_tasks)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if not isinstance(n_terms, int) or n_terms < 2:
+        raise ValueError(f"n_terms must be an int >= 2, got {n_terms!r}")
+    available = 9 ** n_terms
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    rng = random.Random(f"{seed}:sum_chain:{n_terms}")
+    seen: set[tuple[int, ...]] = set()
+    out: list[SumChain] = []
+    for _ in range(50 * available):
+        chain = SumChain(tuple(rng.randint(1, 9) for _ in range(n_terms)))
+        if chain.terms in seen:
+            continue
+        seen.add(chain.terms)
+        if _split_of_text(chain.prompt) == split:
+            out.append(chain)
+            if len(out) == n:
+                return out
+        if len(seen) == available:
+            break
+    raise ValueError(f"only {len(out)} distinct {split} sums of {n_terms} terms exist, fewer than n={n}")

@@ -142,3 +142,62 @@ def test_process_advantages_hand_worked_example():
         process_advantages([[1.0]] * 3, [[0]] * 3, group_size=2, length=2)
     with pytest.raises(ValueError, match="step ends"):
         process_advantages([[1.0, 0.0]], [[1]], group_size=1, length=4)
+
+
+def test_grpo_trainer_process_rewards_give_per_token_advantages():
+    """With process_reward_fn the trainer's advantages are process_advantages of the step rewards it was given,
+    and the outcome reward is still what is logged."""
+    from llm_scratch.training.grpo import GRPOConfig, GRPOTrainer, process_advantages
+
+    model = _model().train()
+    prompts = [[4 + i % 5, 5, 6 + i % 3] for i in range(8)]
+    seen = []
+
+    def reward_fn(completions, indices):
+        return [float(len(c) % 2) for c in completions]
+
+    def process_reward_fn(token_ids, completions, indices):
+        # one step per token: reward 1 for an even token id; ends at every position
+        step_rewards = [[float(t % 2 == 0) for t in ids] for ids in token_ids]
+        step_ends = [list(range(len(ids))) for ids in token_ids]
+        seen.append((step_rewards, step_ends, token_ids, completions))
+        return step_rewards, step_ends
+
+    cfg = GRPOConfig(steps=2, prompts_per_step=2, group_size=4, max_new_tokens=5, lr=1e-3, beta=0.04)
+    trainer = GRPOTrainer(model, _DigitTokenizer(), prompts, reward_fn, cfg, eos_token_id=EOS, device="cpu",
+                          process_reward_fn=process_reward_fn)
+    trainer.train_step()
+    step_rewards, step_ends, token_ids, completions = seen[-1]
+    rollout = trainer.last_rollout
+    # the token lists are the completions up to and including the end of turn
+    assert [len(ids) for ids in token_ids] == rollout.completion_mask.sum(1).tolist()
+    assert completions == trainer.decode(rollout.completion_ids, rollout.completion_mask)
+    expected = process_advantages(step_rewards, step_ends, 4, rollout.completion_ids.shape[1])
+    torch.testing.assert_close(trainer.last_advantages, expected, atol=0, rtol=0)
+    assert trainer.last_advantages.shape == rollout.completion_ids.shape
+    assert trainer.last_rewards.tolist() == [float(len(c) % 2) for c in completions]  # outcome, logged
+    assert trainer.history.metrics == {}  # train_step alone does not append to the history
+
+
+def test_grpo_trainer_reset_reference_copies_the_current_policy():
+    from llm_scratch.training.grpo import GRPOConfig, GRPOTrainer
+
+    model = _model().train()
+    prompts = [[4, 5, 6], [7, 8, 9]]
+    cfg = GRPOConfig(steps=3, prompts_per_step=2, group_size=3, max_new_tokens=3, lr=1e-2, beta=0.04)
+    trainer = GRPOTrainer(model, _DigitTokenizer(), prompts, lambda c, i: [float(len(x)) for x in c], cfg,
+                          eos_token_id=EOS, device="cpu")
+    start = copy.deepcopy(trainer.reference.state_dict())
+    trainer.train(2)
+    ref, policy = trainer.reference.state_dict(), trainer.policy.state_dict()
+    assert all(torch.equal(ref[k], start[k]) for k in ref)  # the reference stays frozen while training
+    assert any(not torch.equal(policy[k], start[k]) for k in policy)
+    trainer.reset_reference()
+    ref = trainer.reference.state_dict()
+    assert all(torch.equal(ref[k], policy[k]) for k in ref)
+    assert trainer.reference is not trainer.policy and not any(p.requires_grad for p in trainer.reference.parameters())
+    no_ref = GRPOTrainer(_model(), _DigitTokenizer(), prompts, lambda c, i: [0.0] * len(c),
+                         GRPOConfig(steps=1, prompts_per_step=2, group_size=3, beta=0.0), eos_token_id=EOS,
+                         device="cpu")
+    with pytest.raises(ValueError, match="beta"):
+        no_ref.reset_reference()

@@ -71,3 +71,26 @@ def test_reward_model_learns_a_simple_rule():
     after = trainer.evaluate()
     assert after["accuracy"] >= 0.95 > before["accuracy"]
     assert after["loss"] < before["loss"] and after["chosen_reward"] > after["rejected_reward"]
+
+
+def test_score_completions_equals_the_trainers_pair_scores():
+    """score_completions encodes (prompt, completion) as the reward model's training pairs are encoded: its
+    scores equal RewardTrainer.rewards on the same pairs, whatever the batch size and order."""
+    from llm_scratch.training.reward import score_completions
+
+    tok = get_tokenizer("shakespeare")
+    torch.manual_seed(0)
+    model = RewardModel(GPT2(GPT2Config(vocab_size=tok.n_vocab, context_length=96, d_model=32, n_layers=2,
+                                        n_heads=4))).eval()
+    pairs = make_preference_pairs(2, "validation", families=["add", "reverse", "speaker"])
+    data = PreferenceDataset(tok, pairs)
+    trainer = RewardTrainer(model, data, None, TrainConfig(max_steps=1, batch_size=2, progress=False), device="cpu")
+    with torch.no_grad():
+        chosen, rejected = trainer.rewards(data, list(range(len(pairs))))
+    examples = [p.example for p in pairs] * 2
+    completions = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    for batch_size in (1, 3, 64):
+        scores = score_completions(model, tok, examples, completions, batch_size=batch_size)
+        torch.testing.assert_close(scores, torch.cat([chosen, rejected]), atol=1e-5, rtol=0)  # padding differs
+    with pytest.raises(ValueError, match="same length"):
+        score_completions(model, tok, examples, completions[:-1])

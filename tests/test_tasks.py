@@ -129,3 +129,30 @@ def test_noisy_preference_pairs_flip_an_exact_fraction():
             assert n.example == c.example
     with pytest.raises(ValueError, match="noise"):
         make_preference_pairs(2, noise=1.5)
+
+
+def test_sum_chains_steps_and_splits():
+    from llm_scratch.tasks import SumChain, make_sum_chains
+
+    chain = SumChain((8, 6, 5, 8))
+    assert chain.prompt == "8+6+5+8=" and chain.partial_sums == (14, 19, 27) and chain.solution == "14;19;27"
+    # (step rewards, index of each step's last character)
+    assert chain.step_rewards("14;19;27") == ([1.0, 1.0, 1.0], [1, 4, 7])
+    assert chain.step_rewards("14;18;27") == ([1.0, 0.0, 1.0], [1, 4, 7])  # a wrong middle step
+    assert chain.step_rewards("14;19;27;") == ([1.0, 1.0, 1.0], [1, 4, 7])  # trailing separator: no new step
+    assert chain.step_rewards("14;19;27;35") == ([1.0, 1.0, 1.0, 0.0], [1, 4, 7, 10])  # one step too many
+    assert chain.step_rewards("9") == ([0.0], [0])
+    assert chain.step_rewards("") == ([0.0], [0])
+    assert chain.step_rewards("14;;27") == ([1.0, 0.0, 1.0], [1, 3, 5])  # an empty step ends at its separator
+    assert chain.check("14;19;27") and chain.check("3;27") and chain.check("14;19;27;")
+    assert not chain.check("14;19;26") and not chain.check("")
+    train = make_sum_chains(200, "train", n_terms=4)
+    test = make_sum_chains(50, "test", n_terms=4)
+    assert len({c.terms for c in train}) == 200 and not {c.terms for c in train} & {c.terms for c in test}
+    assert all(len(c.terms) == 4 and all(1 <= t <= 9 for t in c.terms) for c in train)
+    assert make_sum_chains(200, "train", n_terms=4) == train  # seeded
+    assert make_sum_chains(20, "train", n_terms=4) == train[:20]  # asking for more extends the list
+    with pytest.raises(ValueError, match="n_terms"):
+        make_sum_chains(5, n_terms=1)
+    with pytest.raises(ValueError, match="distinct"):
+        make_sum_chains(81, "test", n_terms=2)  # only 81 sums of two digits exist, ~8 of them in test

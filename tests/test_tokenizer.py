@@ -215,3 +215,18 @@ def test_chat_round_trips(messages):
 
 _CHAT_TOKENIZER = BPETokenizer.train("user assistant system hello there\n" * 20, 280, GPT4_PATTERN,
                                      ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+
+
+def test_char_tokenizer_round_trip_and_errors():
+    from llm_scratch.tokenizer import CharTokenizer
+
+    tok = CharTokenizer("0123456789+=;")
+    assert tok.n_vocab == 14 and tok.eos_id == 13
+    assert tok.encode("5+3=8;") == [5, 10, 3, 11, 8, 12]
+    assert tok.decode(tok.encode("12+7=19") + [tok.eos_id]) == "12+7=19"  # eos decodes to nothing
+    with pytest.raises(ValueError, match="outside the alphabet"):
+        tok.encode("5*3")
+    with pytest.raises(ValueError, match="outside"):
+        tok.decode([14])
+    with pytest.raises(ValueError, match="repeated"):
+        CharTokenizer("0120")

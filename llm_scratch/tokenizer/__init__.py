@@ -7,6 +7,7 @@ from llm_scratch.tokenizer.bpe import (
     read_tiktoken_ranks,
     write_tiktoken_ranks,
 )
+from llm_scratch.tokenizer.char import CharTokenizer
 from llm_scratch.tokenizer.chat import CHAT_SPECIAL_TOKENS, encode_chat, parse_chat, render_chat
 from llm_scratch.tokenizer.pretrained import TOKENIZERS, get_tokenizer, train_shakespeare_tokenizer
 
@@ -16,6 +17,7 @@ __all__ = [
     "GPT4_PATTERN",
     "TOKENIZERS",
     "BPETokenizer",
+    "CharTokenizer",
     "encode_chat",
     "get_tokenizer",
     "parse_chat",

@@ -286,13 +286,19 @@ class GRPOTrainer:
 
     prompts: token ids of each prompt. reward_fn(completions, indices) -> rewards: the decoded completions (text up
     to the end-of-turn token) and the indices of the prompts they answer, one float per completion.
+    process_reward_fn (optional; process supervision, DeepSeekMath section 4.1.3): process_reward_fn(token_ids,
+    completions, indices) -> (step_rewards, step_ends), where token_ids are each completion's tokens up to and
+    including its end-of-turn token, and step_ends index into them (see `process_advantages`). When given, the
+    advantages are per token from the step rewards; reward_fn's outcome reward is still computed and logged.
     Metrics per step: reward (mean), reward_std (mean within groups), completion_length (tokens, end of turn
     included), clip_fraction (share of tokens whose ratio left [1 − ε_low, 1 + ε_high] in the last update), kl (mean
     k3 per token against the reference, when β > 0), loss.
     """
 
     def __init__(self, policy: nn.Module, tokenizer, prompts: list[list[int]], reward_fn, cfg: GRPOConfig,
-                 eos_token_id: int, ref_model: nn.Module | None = None, device: torch.device | str | None = None):
+                 eos_token_id: int, ref_model: nn.Module | None = None, device: torch.device | str | None = None,
+                 process_reward_fn=None):
+        self.process_reward_fn = process_reward_fn
         if len(prompts) < cfg.prompts_per_step:
             raise ValueError(f"{len(prompts)} prompts, fewer than prompts_per_step={cfg.prompts_per_step}")
         self.cfg, self.tokenizer, self.prompts, self.reward_fn, self.eos = cfg, tokenizer, prompts, reward_fn, \
@@ -310,6 +316,15 @@ class GRPOTrainer:
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.step = 0
         self.history = GRPOHistory()
+        self.last_rollout = self.last_rewards = self.last_advantages = None  # of the latest step
+
+    def reset_reference(self) -> None:
+        """Make the reference a frozen copy of the current policy (iterative RL, DeepSeekMath section 4.1.4: each
+        iteration's KL term anchors to the policy the iteration started from, not to the SFT model)."""
+        if self.cfg.beta == 0:
+            raise ValueError("beta is 0: this run has no reference model to reset")
+        self.reference = copy.deepcopy(self.policy).eval()
+        self.reference.requires_grad_(False)
 
     def decode(self, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
         """The text of each completion, without its end-of-turn token."""
@@ -326,9 +341,18 @@ class GRPOTrainer:
                                      cfg.max_new_tokens, self.eos, temperature=cfg.temperature, top_p=cfg.top_p,
                                      ref_model=self.reference, generator=self.generator)
         group_of = [i for i in indices for _ in range(cfg.group_size)]
-        rewards = torch.tensor(self.reward_fn(self.decode(rollout.completion_ids, rollout.completion_mask), group_of),
+        texts = self.decode(rollout.completion_ids, rollout.completion_mask)
+        rewards = torch.tensor(self.reward_fn(texts, group_of),
                                dtype=torch.float32, device=self.device)
-        advantages = group_advantages(rewards, cfg.group_size, scale=cfg.scale_rewards)
+        if self.process_reward_fn is None:  # outcome supervision: one advantage per completion
+            advantages = group_advantages(rewards, cfg.group_size, scale=cfg.scale_rewards)
+        else:  # process supervision: per-token advantages from the step rewards
+            rows = zip(rollout.completion_ids.tolist(), rollout.completion_mask.tolist(), strict=True)
+            kept = [[t for t, m in zip(ids, mask, strict=True) if m] for ids, mask in rows]
+            step_rewards, step_ends = self.process_reward_fn(kept, texts, group_of)
+            advantages = process_advantages(step_rewards, step_ends, cfg.group_size,
+                                            rollout.completion_ids.shape[1]).to(self.device)
+        self.last_rollout, self.last_rewards, self.last_advantages = rollout, rewards, advantages  # to inspect
         temperature = cfg.temperature if cfg.temperature > 0 else 1.0
         mask = rollout.completion_mask
         self.policy.train()

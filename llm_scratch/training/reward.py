@@ -18,10 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm_scratch.models.classifier import SequenceClassifier
+from llm_scratch.tasks import Example
+from llm_scratch.tokenizer.chat import encode_chat
 from llm_scratch.training.engine import TrainConfig
 from llm_scratch.training.preference import PreferenceDataset, PreferenceTrainer
+from llm_scratch.training.sft import task_messages
 
-__all__ = ["RewardModel", "RewardTrainer", "bradley_terry_loss"]
+__all__ = ["RewardModel", "RewardTrainer", "bradley_terry_loss", "score_completions"]
 
 
 class RewardModel(SequenceClassifier):
@@ -65,3 +68,34 @@ class RewardTrainer(PreferenceTrainer):
         loss = bradley_terry_loss(chosen, rejected).mean()
         return loss, {"loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item(),
                       "chosen_reward": chosen.mean().item(), "rejected_reward": rejected.mean().item()}
+
+
+@torch.no_grad()
+def score_completions(reward_model: RewardModel, tokenizer, examples: list[Example], completions: list[str],
+                      batch_size: int = 64) -> torch.Tensor:
+    """r(prompt, completion) for each (example, completion) pair -> (N,) float32 on the CPU.
+
+    Each completion is scored as the assistant's answer to its example, encoded exactly as the reward model saw
+    its training pairs (the chat template, closing <|im_end|> included). Rows go through in order of length, so
+    that a batch holds rows of similar length; the model is put in eval mode and left there.
+    """
+    if len(examples) != len(completions):
+        raise ValueError(f"examples ({len(examples)}) and completions ({len(completions)}) must have the same length")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    rows = [encode_chat(tokenizer, task_messages(ex, with_answer=False) + [{"role": "assistant", "content": c}])[0]
+            for ex, c in zip(examples, completions, strict=True)]
+    device = next(reward_model.parameters()).device
+    reward_model.eval()
+    scores = torch.zeros(len(rows))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        T = max(len(rows[i]) for i in idx)
+        input_ids = torch.zeros(len(idx), T, dtype=torch.long)
+        padding_mask = torch.zeros(len(idx), T, dtype=torch.bool)
+        for r, i in enumerate(idx):
+            input_ids[r, :len(rows[i])] = torch.tensor(rows[i])
+            padding_mask[r, :len(rows[i])] = True
+        scores[idx] = reward_model(input_ids.to(device), padding_mask.to(device)).float().cpu()
+    return scores
