@@ -14,30 +14,35 @@ Batches of prompts of different lengths are left-padded: pad tokens go before ea
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
-__all__ = ["generate", "sample_next_token"]
+__all__ = ["generate", "logits_to_probs", "sample_next_token", "SpeculativeStats", "speculative_accept",
+           "speculative_generate"]
 
 
-def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
-                      top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) -> next token ids (B,).
-
-    temperature 0: argmax (greedy). Otherwise softmax(logits / temperature), restricted to the top_k
-    most likely tokens and/or the smallest set whose probability reaches top_p (nucleus sampling,
-    Holtzman et al. 2020, arXiv:1904.09751), renormalized, then one draw.
-    """
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                    top_p: float | None = None) -> torch.Tensor:
+    """logits (..., V) -> the sampling distribution (..., V) in float32: softmax(logits / temperature) restricted
+    to the top_k most likely tokens and/or the smallest set whose probability reaches top_p (nucleus sampling,
+    Holtzman et al. 2020, arXiv:1904.09751), renormalized. temperature must be > 0 (0 is greedy: no distribution).
+    """
+    _check_sampling(temperature, top_k, top_p)
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        raise ValueError("temperature 0 is greedy decoding (an argmax), which has no sampling distribution")
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest logit
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]  # (..., 1) the k-th largest logit
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
@@ -46,7 +51,19 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int
         drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
+    return logits.softmax(dim=-1)
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                      top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,).
+
+    temperature 0: argmax (greedy). Otherwise one draw from `logits_to_probs` (temperature, top-k, top-p).
+    """
+    _check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = logits_to_probs(logits, temperature, top_k, top_p)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
@@ -96,3 +113,165 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     finally:
         model.train(was_training)
     return ids
+
+
+# --- speculative decoding -------------------------------------------------------------------------------------
+
+def _check_probs(name: str, probs: torch.Tensor, rows: int, vocab: int | None) -> None:
+    if probs.dim() != 2 or probs.shape[0] != rows or (vocab is not None and probs.shape[1] != vocab):
+        want = f"({rows}, {'V' if vocab is None else vocab})"
+        raise ValueError(f"{name} must have shape {want}, got {tuple(probs.shape)}")
+    if (probs < 0).any() or not torch.allclose(probs.sum(-1), torch.ones_like(probs[:, 0]), atol=1e-4):
+        raise ValueError(f"{name} must be probabilities: non-negative rows that sum to 1")
+
+
+def speculative_accept(draft_tokens: torch.Tensor, draft_probs: torch.Tensor, target_probs: torch.Tensor,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """The acceptance step of speculative sampling (Leviathan et al. 2023, Algorithm 1; Chen et al. 2023).
+
+    draft_tokens (γ,): what the draft sampled; draft_probs (γ, V): q, the draft's distribution at each of those
+    positions; target_probs (γ+1, V): p, the target's distribution at the same positions plus one more. Draft token
+    i is accepted with probability min(1, p_i(x_i) / q_i(x_i)), in order, until the first rejection; at a rejected
+    position one token is drawn from the residual normalize(max(0, p_i − q_i)); if all γ are accepted, a bonus
+    token is drawn from p_γ. Either way the emitted tokens (1 to γ+1 of them) are distributed exactly as tokens
+    sampled from the target one by one.
+
+    Random numbers are drawn as transformers' `_speculative_sampling` draws them: γ uniforms at once, then one
+    multinomial draw, so with the same seed the two agree exactly.
+    """
+    if draft_tokens.dim() != 1 or draft_tokens.numel() < 1:
+        raise ValueError(f"draft_tokens must have shape (γ,) with γ >= 1, got {tuple(draft_tokens.shape)}")
+    gamma = draft_tokens.shape[0]
+    _check_probs("draft_probs", draft_probs, gamma, None)
+    _check_probs("target_probs", target_probs, gamma + 1, draft_probs.shape[1])
+    return _accept(draft_tokens, draft_probs, target_probs, generator)
+
+
+def _accept(draft_tokens, draft_probs, target_probs, generator):  # speculative_accept without the input checks
+    gamma = draft_tokens.shape[0]
+    positions = torch.arange(gamma, device=draft_tokens.device)
+    q_i = draft_probs[positions, draft_tokens]
+    p_i = target_probs[positions, draft_tokens]
+    r = torch.rand(gamma, generator=generator, dtype=q_i.dtype, device=q_i.device)
+    accepted = r <= p_i / q_i  # keep x_i with probability min(1, p/q)
+    n = int(((~accepted).cumsum(dim=0) < 1).sum())  # accepted before the first rejection
+    if n < gamma:
+        residual = (target_probs[n] - draft_probs[n]).clamp(min=0)
+        residual = residual / residual.sum()
+    else:
+        residual = target_probs[gamma]
+    last = torch.multinomial(residual[None], num_samples=1, generator=generator)[0]
+    return torch.cat([draft_tokens[:n], last])
+
+
+@dataclass
+class SpeculativeStats:
+    """What one speculative_generate call did. acceptance_rate = accepted / proposed draft tokens."""
+
+    new_tokens: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    target_calls: int = 0  # forward passes of the target (prefill included)
+    draft_calls: int = 0  # forward passes of the draft (prefill included)
+    accepted_per_round: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else float("nan")
+
+    @property
+    def tokens_per_target_call(self) -> float:
+        return self.new_tokens / self.target_calls if self.target_calls else float("nan")
+
+
+def _truncate(caches, length: int) -> None:
+    for cache in caches:
+        cache.truncate(length)
+
+
+@torch.no_grad()
+def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens: int, gamma: int = 4,
+                         temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, SpeculativeStats]:
+    """Decode from `target` with `draft` proposing gamma tokens at a time: (1, T) -> ((1, T + new), stats).
+
+    Each round the draft samples γ tokens one by one (its KV cache), the target scores all of them in one forward
+    pass (its KV cache), `speculative_accept` keeps a prefix and adds one token of the target's own, and both
+    caches are rolled back to the kept tokens. temperature / top_k / top_p transform both models' logits the same
+    way before the ratio (`logits_to_probs`); temperature 0 is greedy: a draft token is kept when it is the
+    target's argmax, so the output is token for token greedy `generate(target, ...)`.
+
+    Invariant between rounds: both caches hold every token but the last emitted one, which is fed next round.
+    The draft may also owe the last draft token of a fully accepted round (it never fed it); it is fed first.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must have shape (1, T) with T >= 1 (one sequence), got {tuple(input_ids.shape)}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if not isinstance(gamma, int) or gamma < 1:
+        raise ValueError(f"gamma must be a positive int, got {gamma!r}")
+    _check_sampling(temperature, top_k, top_p)
+    stats = SpeculativeStats()
+    if max_new_tokens == 0:
+        return input_ids, stats
+    T = input_ids.shape[1]
+    max_len = T + max_new_tokens + gamma + 1
+    was_training = target.training, draft.training
+    target.eval(), draft.eval()
+    target_caches, draft_caches = target.init_caches(1, max_len), draft.init_caches(1, max_len)
+    out = input_ids
+    try:
+        if T > 1:  # prefill everything but the last prompt token
+            target(input_ids[:, :-1], caches=target_caches, last_only=True)
+            draft(input_ids[:, :-1], caches=draft_caches, last_only=True)
+            stats.target_calls += 1
+            stats.draft_calls += 1
+        draft_pending = input_ids[:, -1:]  # tokens the draft has not seen yet
+        while stats.new_tokens < max_new_tokens:
+            length = target_caches[0].length  # tokens before the last emitted one
+            # 1. the draft proposes γ tokens
+            proposed, q_rows = [], []
+            step_input = draft_pending
+            for _ in range(gamma):
+                logits = draft(step_input, caches=draft_caches, last_only=True)[0, -1]
+                stats.draft_calls += 1
+                if temperature == 0:
+                    token = logits.argmax(-1, keepdim=True)
+                else:
+                    q = logits_to_probs(logits, temperature, top_k, top_p)
+                    token = torch.multinomial(q, num_samples=1, generator=generator)
+                    q_rows.append(q)
+                proposed.append(token)
+                step_input = token[None]
+            proposed = torch.cat(proposed)  # (γ,)
+            # 2. the target scores the last emitted token and the γ proposals in one pass: γ + 1 distributions
+            target_logits = target(torch.cat([out[:, -1:], proposed[None]], dim=1), caches=target_caches)[0]
+            stats.target_calls += 1
+            # 3. accept a prefix, add one token of the target's
+            if temperature == 0:
+                best = target_logits.argmax(-1)  # (γ + 1,)
+                n = int((best[:gamma] == proposed).long().cumprod(0).sum())
+                emitted = torch.cat([proposed[:n], best[n:n + 1]])
+            else:
+                p = logits_to_probs(target_logits, temperature, top_k, top_p)
+                emitted = _accept(proposed, torch.stack(q_rows), p, generator)
+                n = emitted.shape[0] - 1
+            stats.proposed += gamma
+            stats.accepted += n
+            stats.accepted_per_round.append(n)
+            emitted = emitted[:max_new_tokens - stats.new_tokens]
+            out = torch.cat([out, emitted[None]], dim=1)
+            stats.new_tokens += emitted.shape[0]
+            # 4. roll back: keep the last emitted token's predecessors (the accepted drafts) in both caches
+            kept = length + 1 + n  # the previous last token and the n accepted drafts
+            _truncate(target_caches, kept)
+            if n == gamma:  # the draft never fed its own last proposal
+                draft_pending = torch.cat([proposed[-1:], emitted[-1:]])[None]
+                _truncate(draft_caches, kept - 1)
+            else:
+                draft_pending = emitted[-1:][None]
+                _truncate(draft_caches, kept)
+    finally:
+        target.train(was_training[0])
+        draft.train(was_training[1])
+    return out, stats
