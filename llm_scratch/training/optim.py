@@ -1,0 +1,134 @@
+"""Muon: momentum whose update is orthogonalized by a Newton-Schulz iteration (Jordan et al. 2024).
+
+For a weight matrix W (out × in) with gradient G, SGD-momentum steps along the momentum M, whose singular values
+are very uneven: a few directions dominate every update. Muon replaces M by the nearest semi-orthogonal matrix,
+U Vᵀ for M = U S Vᵀ, so that every direction the momentum spans moves by the same amount. The SVD is too slow; a
+few steps of the odd polynomial X ← a X + b (X Xᵀ) X + c (X Xᵀ)² X, after scaling X so its spectral norm is at most
+1, push every singular value towards 1 (the coefficients (3.4445, −4.7750, 2.0315) make small singular values
+grow as fast as possible; the result is U S' Vᵀ with S' roughly in [0.7, 1.2], which works as well).
+
+Muon is for the hidden matrices only: embeddings, the output head, norms and biases use AdamW (`muon_and_adamw`).
+
+    muon, adamw = muon_and_adamw(model, lr=0.02, adamw_lr=3e-3)
+    loss.backward(); muon.step(); adamw.step()
+
+References: K. Jordan et al., "Muon: an optimizer for hidden layers in neural networks" (2024,
+kellerjordan.github.io/posts/muon); J. Liu et al., "Muon is Scalable for LLM Training" (Moonshot AI 2025,
+arXiv:2502.16982: weight decay and the update scaled to AdamW's RMS, 0.2·√max(A, B)).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["NS_COEFFICIENTS", "Muon", "muon_and_adamw", "newton_schulz"]
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+ADJUST_LR = ("original", "match_rms_adamw")
+
+
+def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+                  eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Approximately orthogonalize G (A, B): the quintic Newton-Schulz iteration, in `dtype` (bf16 as in the
+    reference implementations: the iteration tolerates it and it is the fast path on GPUs). Returns `dtype`."""
+    if G.dim() != 2:
+        raise ValueError(f"G must be a matrix (A, B), got shape {tuple(G.shape)}")
+    a, b, c = coefficients
+    X = G.to(dtype)
+    tall = G.shape[0] > G.shape[1]
+    if tall:  # iterate on the wide orientation: X Xᵀ is then the smaller Gram matrix
+        X = X.T
+    X = X / X.norm().clamp(min=eps)  # Frobenius norm ≥ spectral norm, so every singular value is ≤ 1
+    for _ in range(steps):
+        gram = X @ X.T
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b·(XXᵀ) + c·(XXᵀ)², one fused op
+        X = torch.addmm(X, poly, X, beta=a)  # a·X + poly·X
+    return X.T if tall else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D parameters (any other shape is refused when the optimizer is built).
+
+    Per parameter W with gradient G: M ← μ·M + (1 − μ)·G (momentum as an exponential average); the direction is
+    (1 − μ)·G + μ·M with Nesterov, M without; O = newton_schulz(direction); W ← W − lr·wd·W (decoupled weight
+    decay); W ← W − lr'·O with lr' = lr·√max(1, A/B) ("original", Jordan) or lr·0.2·√max(A, B)
+    ("match_rms_adamw", Moonshot: the update's RMS matches AdamW's, so AdamW's lr and weight decay carry over).
+    Step for step this is torch.optim.Muon (a test checks it).
+    """
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+                 weight_decay: float = 0.0, ns_steps: int = 5, adjust_lr: str = "original",
+                 ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS, eps: float = 1e-7):
+        if not lr >= 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if not isinstance(ns_steps, int) or ns_steps < 1:
+            raise ValueError(f"ns_steps must be a positive int, got {ns_steps!r}")
+        if adjust_lr not in ADJUST_LR:
+            raise ValueError(f"adjust_lr must be one of {', '.join(ADJUST_LR)}, got {adjust_lr!r}")
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps,
+                        adjust_lr=adjust_lr, ns_coefficients=ns_coefficients, eps=eps)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                if p.dim() != 2:
+                    raise ValueError(f"Muon optimizes matrices only; parameter {i} of a group has shape "
+                                     f"{tuple(p.shape)} (use AdamW for embeddings, norms, biases: muon_and_adamw)")
+
+    @staticmethod
+    def lr_scale(shape: torch.Size, adjust_lr: str) -> float:
+        A, B = shape
+        return math.sqrt(max(1.0, A / B)) if adjust_lr == "original" else 0.2 * math.sqrt(max(A, B))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, mu = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - mu)  # M ← μM + (1 − μ)G
+                direction = p.grad.lerp(buf, mu) if group["nesterov"] else buf  # (1 − μ)G + μM
+                update = newton_schulz(direction, group["ns_steps"], group["ns_coefficients"], group["eps"])
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-lr * self.lr_scale(p.shape, group["adjust_lr"]))
+        return loss
+
+
+def muon_and_adamw(model: nn.Module, lr: float = 0.02, adamw_lr: float = 3e-3, weight_decay: float = 0.0,
+                   adamw_betas: tuple[float, float] = (0.9, 0.95), adjust_lr: str = "original",
+                   head_names: tuple[str, ...] = ("lm_head", "head", "score")) -> tuple[Muon, torch.optim.AdamW]:
+    """The usual split: Muon for the hidden matrices (the weights of nn.Linear layers inside the blocks), AdamW for
+    everything else -- embeddings (input and position), the output head (a Linear whose name is in head_names, or a
+    weight tied to an embedding), norms and biases. Every trainable parameter lands in exactly one optimizer."""
+    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    hidden, other, seen = [], [], set()
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            is_head = module_name.split(".")[-1] in head_names
+            if (isinstance(module, nn.Linear) and name == "weight" and not is_head and id(p) not in embedding_params):
+                hidden.append(p)
+            else:
+                other.append(p)
+    if not hidden:
+        raise ValueError("the model has no hidden nn.Linear weights for Muon")
+    muon = Muon(hidden, lr=lr, weight_decay=weight_decay, adjust_lr=adjust_lr)
+    adamw = torch.optim.AdamW(other, lr=adamw_lr, betas=adamw_betas, weight_decay=weight_decay)
+    return muon, adamw
