@@ -44,6 +44,23 @@ def test_prefix_match_reward_counts_bytes_not_characters():
     assert prefix_match_reward("café", tokens) == 0.0  # inside "fé au"
 
 
+def test_prefix_match_reward_with_tokens_that_split_a_character():
+    """Our byte-level tokenizer spells "é" as two one-byte tokens; decoded alone each is a replacement character,
+    so such tokens are passed as bytes, and the boundary between the two bytes is a token boundary too."""
+    from llm_scratch.tokenizer import get_tokenizer
+
+    enc = get_tokenizer("shakespeare")
+    ids = enc.encode("café au lait")
+    pieces = [enc.decode_single_token_bytes(i) for i in ids]
+    assert b"".join(pieces) == "café au lait".encode()
+    assert any(len(p) == 1 and p[0] >= 0x80 for p in pieces)  # a token holding half of "é"
+    assert prefix_match_reward("café", pieces) == 1.0
+    assert prefix_match_reward("café au", pieces) == 1.0
+    assert prefix_match_reward("cafe", pieces) == 0.0
+    as_text = [enc.decode([i]) for i in ids]
+    assert prefix_match_reward("café", as_text) == 0.0  # the bytes of "é" are lost in the decoded halves
+
+
 def test_prefix_match_reward_errors():
     with pytest.raises(TypeError, match="prediction"):
         prefix_match_reward(None, TOKENS)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from llm_scratch.attention.kv_cache import KVCache, SlidingWindowKVCache
-from llm_scratch.attention.sdpa import scaled_dot_product_attention
+from llm_scratch.attention.sdpa import max_logits_per_head, scaled_dot_product_attention
 from llm_scratch.position.rope import RotaryEmbedding
 
 __all__ = ["GroupedQueryAttention"]
@@ -74,6 +74,9 @@ class GroupedQueryAttention(nn.Module):
         self.d_model, self.n_heads, self.n_kv_heads, self.head_dim = d_model, n_heads, n_kv_heads, head_dim
         self.dropout, self.causal, self.window, self.rope = dropout, causal, window, rope
         self.scale, self.softcap = scale, softcap
+        # QK-Clip (training/optim.py): when True, every forward folds each query head's largest pre-softmax
+        # logit into max_logits (H,), a running max until qk_clip reads and clears it. Off: no cost.
+        self.record_max_logits, self.max_logits = False, None
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
@@ -150,6 +153,9 @@ class GroupedQueryAttention(nn.Module):
         q, k = self._rotate(q, k, positions, cache.length if cache is not None else 0)
         if cache is not None:
             k, v, padding_mask = cache.update(k, v, padding_mask)
+        if self.record_max_logits:
+            self._record(max_logits_per_head(q, k, self.scale, None if attn_mask is None else attn_mask[:, None],
+                                             self.causal, padding_mask, self.window))
         out = scaled_dot_product_attention(
             q, k, v,
             attn_mask=None if attn_mask is None else attn_mask[:, None],  # (B, 1, T, Tk): same for every head
@@ -163,6 +169,9 @@ class GroupedQueryAttention(nn.Module):
             naive=naive,
         )  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
+
+    def _record(self, logits: torch.Tensor) -> None:
+        self.max_logits = logits if self.max_logits is None else torch.maximum(self.max_logits, logits)
 
     def extra_repr(self) -> str:
         extra = f", window={self.window}" if self.window is not None else ""

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from llm_scratch.attention.kv_cache import MLACache
-from llm_scratch.attention.sdpa import scaled_dot_product_attention
+from llm_scratch.attention.sdpa import max_logits_per_head, scaled_dot_product_attention
 from llm_scratch.norm import RMSNorm
 from llm_scratch.position.rope import RopeScaling, RotaryEmbedding
 
@@ -176,6 +176,8 @@ class MultiHeadLatentAttention(nn.Module):
         self.o_proj = nn.Linear(H * c.v_head_dim, c.d_model, bias=c.attention_bias)  # W_O (eq. 19)
         scaling = RopeScaling.from_dict(c.rope_scaling) if c.rope_scaling else None
         self.rope = RotaryEmbedding(c.qk_rope_head_dim, c.rope_base, interleaved=c.rope_interleaved, scaling=scaling)
+        # QK-Clip (training/optim.py): record each head's largest pre-softmax logit, as GroupedQueryAttention does
+        self.record_max_logits, self.max_logits = False, None
 
     @property
     def softmax_scale(self) -> float:
@@ -268,6 +270,7 @@ class MultiHeadLatentAttention(nn.Module):
         # eq. 17: every head's key ends with the same rope key k^R
         k = torch.cat([k_nope, k_rope[:, None].expand(B, H, S, c.qk_rope_head_dim)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)  # eq. 16
+        self._record(q, k, padding_mask, attn_mask)
         return scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=True, scale=self.softmax_scale, padding_mask=padding_mask,
             naive=naive,
@@ -284,6 +287,7 @@ class MultiHeadLatentAttention(nn.Module):
         q_latent = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)  # (B, H, T, d_c)
         q = torch.cat([q_latent, q_rope], dim=-1)  # (B, H, T, d_c + d_R)
         k = torch.cat([latent, k_rope], dim=-1)[:, None]  # (B, 1, S, d_c + d_R): one kv head for all H
+        self._record(q, k, padding_mask, attn_mask)
         v = latent[:, None]  # (B, 1, S, d_c)
         # The score is the same number as in the expanded path, so the scale is still 1/sqrt(d_h + d_R),
         # not 1/sqrt of this query's width.
@@ -293,6 +297,11 @@ class MultiHeadLatentAttention(nn.Module):
         )  # (B, H, T, d_c): each head's attention-weighted average of latents
         # eq. 11 + 18: Σ_j p_j W_UV_h c_j = W_UV_h Σ_j p_j c_j, so W_UV is applied once, after attention
         return torch.einsum("bhtc,hvc->bhtv", o_latent, w_uv)  # (B, H, T, d_v)
+
+    def _record(self, q, k, padding_mask, attn_mask) -> None:
+        if self.record_max_logits:  # the same scores in both inference paths
+            logits = max_logits_per_head(q, k, self.softmax_scale, attn_mask, True, padding_mask)
+            self.max_logits = logits if self.max_logits is None else torch.maximum(self.max_logits, logits)
 
     def extra_repr(self) -> str:
         c = self.config

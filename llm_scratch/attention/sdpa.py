@@ -34,6 +34,7 @@ __all__ = [
     "sliding_window_mask",
     "padding_to_attn_mask",
     "build_attn_mask",
+    "max_logits_per_head",
     "scaled_dot_product_attention",
 ]
 
@@ -255,3 +256,24 @@ def _check_attn_mask(
             f"attn_mask must have shape (Tq, Tk), (H or 1, Tq, Tk) or (B or 1, H or 1, Tq, Tk) with "
             f"Tq={q_len}, Tk={k_len}, H={n_heads}, B={batch_size}; got {shape}"
         )
+
+
+@torch.no_grad()
+def max_logits_per_head(q: torch.Tensor, k: torch.Tensor, scale: float | None = None,
+                        attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                        padding_mask: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
+    """The largest pre-softmax logit q·k·scale of each query head over every (batch, query, key) that the masks
+    allow -> (H,) float32. q (B, H, Tq, D), k (B, K, Tk, D) with K dividing H (grouped as in
+    scaled_dot_product_attention). What QK-Clip (Kimi K2) watches; computed explicitly, so only when asked for.
+    """
+    B, H, Tq, D = q.shape
+    K, Tk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    scores = (q.view(B, K, H // K, Tq, D) @ k[:, :, None].transpose(-2, -1)) * scale  # (B, K, G, Tq, Tk)
+    mask = build_attn_mask(Tq, Tk, attn_mask=attn_mask, is_causal=is_causal, padding_mask=padding_mask,
+                           window=window, batch_size=B, n_heads=H, device=q.device)
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise ValueError("max_logits_per_head takes boolean masks only")
+        scores = scores.masked_fill(~_group_heads(mask, K, H // K), float("-inf"))
+    return scores.float().amax(dim=(0, 3, 4)).reshape(H)  # query head h = g·G + i, as in the attention

@@ -24,7 +24,10 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["NS_COEFFICIENTS", "Muon", "muon_and_adamw", "newton_schulz"]
+from llm_scratch.attention.gqa import GroupedQueryAttention
+from llm_scratch.attention.mla import MultiHeadLatentAttention
+
+__all__ = ["NS_COEFFICIENTS", "Muon", "muon_and_adamw", "newton_schulz", "qk_clip", "record_max_logits"]
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 ADJUST_LR = ("original", "match_rms_adamw")
@@ -132,3 +135,86 @@ def muon_and_adamw(model: nn.Module, lr: float = 0.02, adamw_lr: float = 3e-3, w
     muon = Muon(hidden, lr=lr, weight_decay=weight_decay, adjust_lr=adjust_lr)
     adamw = torch.optim.AdamW(other, lr=adamw_lr, betas=adamw_betas, weight_decay=weight_decay)
     return muon, adamw
+
+
+# --- QK-Clip --------------------------------------------------------------------------------------------------
+# Kimi K2 (Moonshot AI 2025, arXiv:2507.20534, section 2.1): with Muon, attention logits can grow without bound
+# and training diverges. QK-Clip watches each head's largest pre-softmax logit S_max^h on the step's batches and,
+# after the optimizer step, rescales that head's query and key weights by γ_h = min(1, τ / S_max^h) in all (√γ_h
+# each), so the same batch would now peak at exactly τ. Heads below τ are left alone; the forward pass is never
+# changed, only the weights after the step.
+
+def _attention_modules(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, GroupedQueryAttention | MultiHeadLatentAttention)]
+
+
+def record_max_logits(model: nn.Module, enabled: bool = True) -> int:
+    """Switch max-logit recording on (or off) in every attention layer; returns how many layers there are.
+    Layers with QK-norm (Qwen3, Gemma 3) are refused: their logits are bounded by the norm, and scaling the
+    projection weights would not change them (QK-Clip is the alternative to QK-norm, not an addition)."""
+    modules = _attention_modules(model)
+    if not modules:
+        raise ValueError("the model has no GroupedQueryAttention or MultiHeadLatentAttention layers")
+    for m in modules:
+        if hasattr(m, "q_norm"):
+            raise ValueError(f"{type(m).__name__} normalizes q and k (QK-norm): QK-Clip cannot rescale its logits")
+        m.record_max_logits, m.max_logits = enabled, None
+    return len(modules)
+
+
+def _scale_rows(linear: nn.Linear, rows: slice, factor: torch.Tensor | float) -> None:
+    linear.weight[rows] *= factor
+    if linear.bias is not None:
+        linear.bias[rows] *= factor
+
+
+@torch.no_grad()
+def qk_clip(model: nn.Module, tau: float = 100.0) -> dict[str, list[int]]:
+    """Rescale the heads whose recorded max logit exceeds tau; returns {layer name: clipped query heads}.
+
+    Multi-head / grouped-query attention (W_q and W_k, biases included): a query head h with S_max^h > τ gets
+    γ_h = τ / S_max^h. With G query heads sharing a kv head, the key is shared, so the *largest* S_max in the group
+    sets the kv head's factor, √γ_kv with γ_kv = min_h γ_h, and each query head of the group is scaled by
+    γ_h / √γ_kv, so that every head's logits are multiplied by exactly γ_h (1 for the heads below τ). MHA is the
+    case G = 1: √γ_h on both. RoPE rotates q and k linearly, so scaling the projections scales the logits.
+    Multi-head latent attention: the head's own q^C and k^C rows (q_proj or q_b_proj, kv_b_proj) by √γ_h each, its
+    rotary query q^R by γ_h; the rotary key k^R is shared by all heads and left alone. Recorded maxima are cleared.
+    """
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    clipped: dict[str, list[int]] = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, GroupedQueryAttention | MultiHeadLatentAttention):
+            continue
+        if m.max_logits is None:
+            if m.record_max_logits:
+                continue  # no forward since the last clip
+            raise ValueError(f"layer {name!r} recorded no max logits: call record_max_logits(model) before the "
+                             "forward passes")
+        gamma = (tau / m.max_logits.clamp(min=tau)).to(torch.float64)  # (H,): 1 where the head is below τ
+        m.max_logits = None
+        heads = (gamma < 1).nonzero().flatten().tolist()
+        if not heads:
+            continue
+        clipped[name] = heads
+        if isinstance(m, GroupedQueryAttention):
+            H, K, D = m.n_heads, m.n_kv_heads, m.head_dim
+            G = H // K
+            for g in range(K):
+                gamma_kv = gamma[g * G:(g + 1) * G].min()
+                if gamma_kv == 1:
+                    continue
+                _scale_rows(m.k_proj, slice(g * D, (g + 1) * D), gamma_kv.sqrt().item())
+                for h in range(g * G, (g + 1) * G):
+                    _scale_rows(m.q_proj, slice(h * D, (h + 1) * D), (gamma[h] / gamma_kv.sqrt()).item())
+        else:
+            c = m.config
+            q_linear = m.q_proj if c.q_lora_rank is None else m.q_b_proj
+            Dn, Dr, Dv = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+            for h in heads:
+                root = gamma[h].sqrt().item()
+                start = h * c.qk_head_dim
+                _scale_rows(q_linear, slice(start, start + Dn), root)  # q^C_h
+                _scale_rows(q_linear, slice(start + Dn, start + Dn + Dr), gamma[h].item())  # q^R_h
+                _scale_rows(m.kv_b_proj, slice(h * (Dn + Dv), h * (Dn + Dv) + Dn), root)  # k^C_h (W_UK rows)
+    return clipped

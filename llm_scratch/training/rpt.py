@@ -22,24 +22,28 @@ import torch
 __all__ = ["hard_positions", "prefix_match_reward", "topk_entropy"]
 
 
-def prefix_match_reward(prediction: str, target_tokens: list[str]) -> float:
+def prefix_match_reward(prediction: str, target_tokens: list[str] | list[bytes]) -> float:
     """1.0 when prediction's UTF-8 bytes are a prefix of the concatenated target tokens' bytes and end on a token
     boundary, else 0.0. An empty prediction scores 0 (it predicts nothing).
 
     Bytes, not characters: a byte-level tokenizer can split one character across tokens (an "é" is two bytes), and
     token boundaries are byte offsets. The valid lengths are the cumulative byte lengths of the target tokens.
+    Pass each token's bytes (tiktoken's `decode_single_token_bytes`) where a token may hold part of a character:
+    decoding such a token alone to str gives a replacement character, not its bytes. Whole-character tokens may be
+    given as str.
     """
     if not isinstance(prediction, str):
         raise TypeError(f"prediction must be a str, got {type(prediction).__name__}")
-    if not isinstance(target_tokens, list | tuple) or not all(isinstance(t, str) for t in target_tokens):
-        raise TypeError("target_tokens must be a list of str (the continuation's tokens, decoded one by one)")
+    if not isinstance(target_tokens, list | tuple) or not all(isinstance(t, str | bytes) for t in target_tokens):
+        raise TypeError("target_tokens must be a list of str or bytes (the continuation's tokens, one by one)")
     predicted = prediction.encode("utf-8")
     if not predicted:
         return 0.0
-    target = b"".join(t.encode("utf-8") for t in target_tokens)
+    pieces = [t.encode("utf-8") if isinstance(t, str) else t for t in target_tokens]
+    target = b"".join(pieces)
     boundaries, end = set(), 0
-    for token in target_tokens:
-        end += len(token.encode("utf-8"))
+    for piece in pieces:
+        end += len(piece)
         boundaries.add(end)
     return 1.0 if target.startswith(predicted) and len(predicted) in boundaries else 0.0
 
