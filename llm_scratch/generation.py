@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = ["generate", "logits_to_probs", "sample_next_token", "SpeculativeStats", "speculative_accept",
-           "speculative_generate"]
+           "speculative_generate", "mtp_speculative_generate"]
 
 
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -275,3 +275,50 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens:
         target.train(was_training[0])
         draft.train(was_training[1])
     return out, stats
+
+
+@torch.no_grad()
+def mtp_speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor,
+                                                                                          SpeculativeStats]:
+    """Greedy self-speculative decoding with DeepSeek-V3's MTP modules as the draft (DeepSeek-V3 report, section
+    5.4.3): no second model. (1, T) -> ((1, T + new), stats).
+
+    Each round the main model's forward over the sequence so far plus [t, d_1 .. d_D] -- t its own next token
+    from the round before, d_k the MTP drafts -- checks every draft at once: d_k is kept while it equals the main
+    model's greedy choice at its position, and the main model's prediction after the last kept token is the next
+    round's t. So the output is token for token greedy `generate(model, ...)`, and each round emits 1 + (kept
+    drafts) tokens for one main forward. The sequence is recomputed each round (no cache): for reading, not speed.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must have shape (1, T) with T >= 1 (one sequence), got {tuple(input_ids.shape)}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if not hasattr(model, "draft") or not len(getattr(model, "mtp", ())):
+        raise ValueError("model must have MTP modules (DeepSeekV3 with n_mtp >= 1)")
+    stats = SpeculativeStats()
+    was_training = model.training
+    model.eval()
+    try:
+        ids = input_ids
+        h = model.hidden_states(ids)
+        next_token = model.lm_head(model.norm(h[:, -1])).argmax(-1)  # (1,)
+        stats.target_calls += 1
+        while stats.new_tokens < max_new_tokens:
+            drafts = model.draft(h, ids, next_token)[0]  # (D,)
+            stats.draft_calls += 1
+            candidate = torch.cat([ids, next_token[:, None], drafts[None]], dim=1)
+            h_all = model.hidden_states(candidate)  # one main forward checks every draft
+            stats.target_calls += 1
+            T = ids.shape[1]
+            best = model.lm_head(model.norm(h_all[0, T:])).argmax(-1)  # (D + 1,): after t, d_1, ..., d_D
+            n = int((best[:-1] == drafts).long().cumprod(0).sum())
+            stats.proposed += drafts.shape[0]
+            stats.accepted += n
+            stats.accepted_per_round.append(n)
+            emitted = torch.cat([next_token, drafts[:n]])[: max_new_tokens - stats.new_tokens]
+            ids = torch.cat([ids, emitted[None]], dim=1)
+            stats.new_tokens += emitted.shape[0]
+            h, next_token = h_all[:, : T + 1 + n], best[n:n + 1]
+    finally:
+        model.train(was_training)
+    return ids, stats

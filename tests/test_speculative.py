@@ -169,3 +169,35 @@ def test_speculative_generate_errors():
         speculative_generate(target, draft, torch.tensor([[1, 2]]), 5, gamma=0)
     with pytest.raises(ValueError, match="temperature"):
         speculative_generate(target, draft, torch.tensor([[1, 2]]), 5, temperature=-1.0)
+
+
+def test_mtp_self_drafting_is_greedy_generate_of_the_main_model():
+    """DeepSeek-V3's MTP modules draft for their own main model: the output equals the main model's greedy
+    decoding, with random MTP weights (drafts mostly rejected) and with drafts that are always right."""
+    from llm_scratch.generation import mtp_speculative_generate
+    from llm_scratch.models import DeepSeekV3, DeepSeekV3Config
+
+    torch.manual_seed(0)
+    cfg = DeepSeekV3Config(vocab_size=17, context_length=64, d_model=32, n_layers=2, n_heads=4, q_lora_rank=16,
+                           kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, ffn_hidden=48,
+                           moe_hidden=16, first_k_dense=1, n_routed_experts=8, n_shared_experts=1,
+                           n_experts_per_tok=2, n_group=4, topk_group=2, rope_scaling=None, n_mtp=2)
+    model = DeepSeekV3(cfg).eval()
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    expected = generate(model, prompt, max_new_tokens=12)
+    out, stats = mtp_speculative_generate(model, prompt, max_new_tokens=12)
+    assert out.tolist() == expected.tolist()
+    assert stats.new_tokens == 12 and stats.proposed == 2 * len(stats.accepted_per_round)
+    # an oracle draft (the main model's own greedy continuation) is always accepted: 1 + D tokens per round
+    truth = expected[0, 5:].tolist() + [0] * 8
+
+    def oracle(h, ids, next_token):
+        done = ids.shape[1] - 5 + 1  # tokens emitted once next_token is appended
+        return torch.tensor([truth[done:done + 2]])
+
+    model.draft = oracle
+    out, stats = mtp_speculative_generate(model, prompt, max_new_tokens=12)
+    assert out.tolist() == expected.tolist()
+    assert stats.acceptance_rate == 1.0 and stats.accepted_per_round == [2, 2, 2, 2]
+    with pytest.raises(ValueError, match="MTP"):
+        mtp_speculative_generate(_gpt(0), prompt, 3)

@@ -263,11 +263,17 @@ class DeepSeekV3(nn.Module):
         drafts t_{T+k+1}. (Recomputed from scratch each call: for reading, not for speed.)
         """
         h = self.hidden_states(input_ids)
-        tokens = [self.lm_head(self.norm(h[:, -1])).argmax(-1)]  # t_{T+1}
-        ids, prev = input_ids, h
+        first = self.lm_head(self.norm(h[:, -1])).argmax(-1)  # t_{T+1}
+        return torch.cat([first[:, None], self.draft(h, input_ids, first)], dim=1)
+
+    @torch.no_grad()
+    def draft(self, h: torch.Tensor, input_ids: torch.Tensor, next_token: torch.Tensor) -> torch.Tensor:
+        """The D MTP drafts after next_token: h (B, T, C) the main model's states of input_ids (B, T), next_token
+        (B,) the token at T + 1 -> (B, D) greedy drafts of tokens T + 2 ... T + D + 1 (eqs. 21-23 at inference)."""
+        tokens, ids, prev = [next_token], input_ids, h
         for module in self.mtp:
             ids = torch.cat([ids, tokens[-1][:, None]], dim=1)
             S = prev.shape[1]  # depth k sees positions 0..S-1 and the tokens one step further on
             prev = module(prev, self.embed(ids[:, -S:]), positions=torch.arange(S, device=ids.device))
             tokens.append(self.lm_head(module.norm(prev[:, -1])).argmax(-1))
-        return torch.stack(tokens, dim=1)
+        return torch.stack(tokens[1:], dim=1)
