@@ -130,3 +130,34 @@ def test_errors():
         qk_clip(gpt)
     with pytest.raises(ValueError, match="tau"):
         qk_clip(gpt, tau=0.0)
+
+
+@pytest.mark.parametrize("n_heads, n_kv_heads, bias", [(4, 4, False), (4, 2, True)])
+def test_magnitude_qk_clip_bounds_every_logit(n_heads, n_kv_heads, bias):
+    """The norm bound is ≥ the real max logit of every head; after magnitude_qk_clip no logit of the batch
+    exceeds τ, the clipped heads' bounds are exactly τ, and it clips every head QK-Clip would (and maybe more)."""
+    from llm_scratch.training.optim import logit_bounds, magnitude_qk_clip, record_qk_norms
+
+    model = _gqa(n_heads, n_kv_heads, bias)
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    padding = torch.ones(2, 9, dtype=torch.bool)
+    padding[0, 7:] = False
+    record_qk_norms(model)
+    true_max = _max_logits(model, x, padding_mask=padding).double()  # records the norms in the same pass
+    bounds = logit_bounds(model.attn).double()
+    assert (bounds >= true_max - 1e-9).all()
+    tau = true_max.median().item()
+    would_clip = [h for h in range(n_heads) if true_max[h] > tau]
+    clipped = magnitude_qk_clip(model, tau)["attn"]
+    assert set(would_clip) <= set(clipped)
+    after = _max_logits(model, x, padding_mask=padding).double()
+    assert (after <= tau * (1 + 1e-9)).all()
+    new_bounds = logit_bounds(model.attn).double()
+    for h in range(n_heads):
+        expected = tau if h in clipped else bounds[h].item()
+        assert new_bounds[h].item() == pytest.approx(expected, rel=1e-6)
+    record_qk_norms(model, enabled=False)
+    with pytest.raises(ValueError, match="not MLA"):
+        mla = MLAConfig(d_model=32, n_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8,
+                        qk_rope_head_dim=4, v_head_dim=8)
+        record_qk_norms(_Wrap(MultiHeadLatentAttention(mla)))

@@ -77,6 +77,8 @@ class GroupedQueryAttention(nn.Module):
         # QK-Clip (training/optim.py): when True, every forward folds each query head's largest pre-softmax
         # logit into max_logits (H,), a running max until qk_clip reads and clears it. Off: no cost.
         self.record_max_logits, self.max_logits = False, None
+        # Magnitude-QK-Clip: the largest ‖q‖ of each query head (H,) and ‖k‖ of each kv head (K,), no logits needed
+        self.record_qk_norms, self.max_q_norm, self.max_k_norm = False, None, None
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
@@ -153,6 +155,8 @@ class GroupedQueryAttention(nn.Module):
         q, k = self._rotate(q, k, positions, cache.length if cache is not None else 0)
         if cache is not None:
             k, v, padding_mask = cache.update(k, v, padding_mask)
+        if self.record_qk_norms:
+            self._record_norms(q, k, padding_mask)
         if self.record_max_logits:
             self._record(max_logits_per_head(q, k, self.scale, None if attn_mask is None else attn_mask[:, None],
                                              self.causal, padding_mask, self.window))
@@ -169,6 +173,16 @@ class GroupedQueryAttention(nn.Module):
             naive=naive,
         )  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
+
+    @torch.no_grad()
+    def _record_norms(self, q, k, padding_mask) -> None:
+        q_norm, k_norm = q.float().norm(dim=-1), k.float().norm(dim=-1)  # (B, H, T), (B, K, Tk); RoPE keeps norms
+        if padding_mask is not None:  # padding tokens' q and k never meet a real token
+            k_norm = k_norm.masked_fill(~padding_mask[:, None], 0.0)
+            q_norm = q_norm.masked_fill(~padding_mask[:, None, -q.shape[2]:], 0.0)
+        q_max, k_max = q_norm.amax(dim=(0, 2)), k_norm.amax(dim=(0, 2))
+        self.max_q_norm = q_max if self.max_q_norm is None else torch.maximum(self.max_q_norm, q_max)
+        self.max_k_norm = k_max if self.max_k_norm is None else torch.maximum(self.max_k_norm, k_max)
 
     def _record(self, logits: torch.Tensor) -> None:
         self.max_logits = logits if self.max_logits is None else torch.maximum(self.max_logits, logits)

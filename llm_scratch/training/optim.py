@@ -27,7 +27,8 @@ from torch import nn
 from llm_scratch.attention.gqa import GroupedQueryAttention
 from llm_scratch.attention.mla import MultiHeadLatentAttention
 
-__all__ = ["NS_COEFFICIENTS", "Muon", "muon_and_adamw", "newton_schulz", "qk_clip", "record_max_logits"]
+__all__ = ["NS_COEFFICIENTS", "Muon", "logit_bounds", "magnitude_qk_clip", "muon_and_adamw", "newton_schulz", "qk_clip",
+           "record_max_logits", "record_qk_norms"]
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 ADJUST_LR = ("original", "match_rms_adamw")
@@ -169,6 +170,31 @@ def _scale_rows(linear: nn.Linear, rows: slice, factor: torch.Tensor | float) ->
 
 
 @torch.no_grad()
+def _rescale_heads(m: nn.Module, gamma: torch.Tensor) -> None:
+    """Multiply every query head h's logits by gamma[h] (float64, ≤ 1) through the q and k projections."""
+    if isinstance(m, GroupedQueryAttention):
+        H, K, D = m.n_heads, m.n_kv_heads, m.head_dim
+        G = H // K
+        for g in range(K):
+            gamma_kv = gamma[g * G:(g + 1) * G].min()
+            if gamma_kv == 1:
+                continue
+            _scale_rows(m.k_proj, slice(g * D, (g + 1) * D), gamma_kv.sqrt().item())
+            for h in range(g * G, (g + 1) * G):
+                _scale_rows(m.q_proj, slice(h * D, (h + 1) * D), (gamma[h] / gamma_kv.sqrt()).item())
+        return
+    c = m.config
+    q_linear = m.q_proj if c.q_lora_rank is None else m.q_b_proj
+    Dn, Dr, Dv = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+    for h in (gamma < 1).nonzero().flatten().tolist():
+        root = gamma[h].sqrt().item()
+        start = h * c.qk_head_dim
+        _scale_rows(q_linear, slice(start, start + Dn), root)  # q^C_h
+        _scale_rows(q_linear, slice(start + Dn, start + Dn + Dr), gamma[h].item())  # q^R_h
+        _scale_rows(m.kv_b_proj, slice(h * (Dn + Dv), h * (Dn + Dv) + Dn), root)  # k^C_h (W_UK rows)
+
+
+@torch.no_grad()
 def qk_clip(model: nn.Module, tau: float = 100.0) -> dict[str, list[int]]:
     """Rescale the heads whose recorded max logit exceeds tau; returns {layer name: clipped query heads}.
 
@@ -197,24 +223,60 @@ def qk_clip(model: nn.Module, tau: float = 100.0) -> dict[str, list[int]]:
         if not heads:
             continue
         clipped[name] = heads
-        if isinstance(m, GroupedQueryAttention):
-            H, K, D = m.n_heads, m.n_kv_heads, m.head_dim
-            G = H // K
-            for g in range(K):
-                gamma_kv = gamma[g * G:(g + 1) * G].min()
-                if gamma_kv == 1:
-                    continue
-                _scale_rows(m.k_proj, slice(g * D, (g + 1) * D), gamma_kv.sqrt().item())
-                for h in range(g * G, (g + 1) * G):
-                    _scale_rows(m.q_proj, slice(h * D, (h + 1) * D), (gamma[h] / gamma_kv.sqrt()).item())
-        else:
-            c = m.config
-            q_linear = m.q_proj if c.q_lora_rank is None else m.q_b_proj
-            Dn, Dr, Dv = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
-            for h in heads:
-                root = gamma[h].sqrt().item()
-                start = h * c.qk_head_dim
-                _scale_rows(q_linear, slice(start, start + Dn), root)  # q^C_h
-                _scale_rows(q_linear, slice(start + Dn, start + Dn + Dr), gamma[h].item())  # q^R_h
-                _scale_rows(m.kv_b_proj, slice(h * (Dn + Dv), h * (Dn + Dv) + Dn), root)  # k^C_h (W_UK rows)
+        _rescale_heads(m, gamma)
+    return clipped
+
+
+# --- Magnitude-QK-Clip (this project's variant) ------------------------------------------------------------------
+# QK-Clip needs each head's largest logit, i.e. the T×T score matrix that a fused attention kernel never
+# materializes. By Cauchy-Schwarz every logit of head h is at most scale·‖q‖·‖k‖, so the bound
+#     B_h = scale · max_t ‖q_{h,t}‖ · max_s ‖k_{g(h),s}‖
+# needs only the norms, O(T·H·D) work beside the forward. Clipping on B_h instead of S_max^h (γ_h = τ / B_h, the
+# same rescaling) guarantees every logit of the batch ≤ τ afterwards, and stays a guarantee for any pairing of
+# those queries and keys, not only the pairs seen. The price: B_h ≥ S_max^h, with equality only when the longest
+# query and the longest key point the same way, so it clips earlier and harder than QK-Clip -- most when q and k
+# are long but not aligned (e.g. at initialization, when logits are near 0 but norms are not). It is the right
+# tool when the logits are not observable or when a hard worst-case bound is wanted, not a drop-in replacement.
+
+def record_qk_norms(model: nn.Module, enabled: bool = True) -> int:
+    """Switch per-head q/k norm recording on (or off) in every GQA/MHA layer (MLA and QK-norm layers are refused:
+    MLA's per-head keys exist only in its expanded path, and QK-norm already bounds the logits)."""
+    modules = _attention_modules(model)
+    if not modules:
+        raise ValueError("the model has no attention layers")
+    for m in modules:
+        if isinstance(m, MultiHeadLatentAttention):
+            raise ValueError("magnitude_qk_clip supports GroupedQueryAttention / MultiHeadAttention, not MLA")
+        if hasattr(m, "q_norm"):
+            raise ValueError(f"{type(m).__name__} normalizes q and k (QK-norm): its logits are already bounded")
+        m.record_qk_norms, m.max_q_norm, m.max_k_norm = enabled, None, None
+    return len(modules)
+
+
+def logit_bounds(m: GroupedQueryAttention) -> torch.Tensor:
+    """B_h = scale · max‖q_h‖ · max‖k_g(h)‖ (H,) from the recorded norms: no logit of the batch exceeds it."""
+    if m.max_q_norm is None:
+        raise ValueError("no q/k norms recorded: call record_qk_norms(model) before the forward passes")
+    scale = m.head_dim ** -0.5 if m.scale is None else m.scale
+    G = m.n_heads // m.n_kv_heads
+    return scale * m.max_q_norm * m.max_k_norm.repeat_interleave(G)
+
+
+@torch.no_grad()
+def magnitude_qk_clip(model: nn.Module, tau: float = 100.0) -> dict[str, list[int]]:
+    """Rescale the heads whose logit bound B_h exceeds tau, by γ_h = τ / B_h (QK-Clip's rescaling); returns
+    {layer name: clipped query heads}. Recorded norms are cleared."""
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    clipped: dict[str, list[int]] = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, GroupedQueryAttention) or (m.max_q_norm is None and m.record_qk_norms):
+            continue
+        bounds = logit_bounds(m)
+        m.max_q_norm = m.max_k_norm = None
+        gamma = (tau / bounds.clamp(min=tau)).to(torch.float64)
+        heads = (gamma < 1).nonzero().flatten().tolist()
+        if heads:
+            clipped[name] = heads
+            _rescale_heads(m, gamma)
     return clipped
