@@ -410,7 +410,36 @@ def bench_rollouts(device: torch.device, quick: bool) -> None:
     print(f"speed-up: {(batched_tokens / batched_s) / (loop_tokens / loop_s):.1f}x")
 
 
-BENCHMARKS = [bench_sdpa_paths, bench_kv_cache_decode, bench_bpe, bench_gpt2, bench_mixers, bench_sft, bench_rollouts]
+def bench_speculative(device: torch.device, quick: bool) -> None:
+    """Greedy decoding of the committed Shakespeare GPT (4 blocks): plain `generate` vs `speculative_generate` with a
+    draft that is the same model cut to its first block (layer-skip self-drafting: no second model to train).
+    Both emit exactly the same tokens (tests check it); the table gives tokens/s and the draft's acceptance."""
+    import copy
+
+    from llm_scratch.generation import generate, speculative_generate
+    from llm_scratch.tokenizer import get_tokenizer
+    from llm_scratch.training.pretrained import load_or_pretrain
+
+    target, _ = load_or_pretrain(device=device, progress=False)
+    draft = copy.deepcopy(target)
+    draft.blocks = draft.blocks[:1]
+    prompt = torch.tensor([get_tokenizer("shakespeare").encode("ROMEO:\nBut soft, what light")], device=device)
+    new = 48 if quick else 96
+    plain_ms = timeit(lambda: generate(target, prompt, new), device, 3 if quick else 5)
+    print(f"\nSpeculative decoding, greedy, {new} new tokens; target: the 4-block Shakespeare GPT, draft: its first "
+          "block only")
+    print(f"{'':>22}{'tokens/s':>10}{'speed-up':>10}{'acceptance':>12}{'tokens/target call':>20}")
+    print(f"{'plain generate':>22}{new / plain_ms * 1e3:>10.0f}{1.0:>10.2f}")
+    for gamma in (1, 2, 4) if quick else (1, 2, 3, 4, 6):
+        ms = timeit(lambda g=gamma: speculative_generate(target, draft, prompt, new, gamma=g), device,
+                    3 if quick else 5)
+        _, stats = speculative_generate(target, draft, prompt, new, gamma=gamma)
+        print(f"{'speculative, γ=' + str(gamma):>22}{new / ms * 1e3:>10.0f}{plain_ms / ms:>10.2f}"
+              f"{stats.acceptance_rate:>12.2f}{stats.tokens_per_target_call:>20.2f}")
+
+
+BENCHMARKS = [bench_sdpa_paths, bench_kv_cache_decode, bench_bpe, bench_gpt2, bench_mixers, bench_sft, bench_rollouts,
+              bench_speculative]
 
 
 def main() -> None:
