@@ -201,3 +201,23 @@ def test_grpo_trainer_reset_reference_copies_the_current_policy():
                          device="cpu")
     with pytest.raises(ValueError, match="beta"):
         no_ref.reset_reference()
+
+
+def test_clip_fraction_counts_the_terms_the_clip_holds_at_the_losss_level():
+    from llm_scratch.training.grpo import GRPOConfig, GRPOTrainer
+
+    old = torch.zeros(2, 3)
+    new = torch.tensor([[0.5, 0.0, 0.0], [-0.5, 0.0, 0.0]])  # token ratios e^0.5, 1, 1 and e^-0.5, 1, 1
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    trainer = GRPOTrainer(_model(), _DigitTokenizer(), [[4], [5]], lambda c, i: [0.0] * len(c),
+                          GRPOConfig(steps=1, prompts_per_step=2, group_size=2, beta=0.0), eos_token_id=EOS,
+                          device="cpu")
+    # token level, ε = 0.2: the ratio e^0.5 with a positive advantage is clipped; e^-0.5 with a positive one is not
+    assert trainer._clip_fraction(new, old, torch.tensor([1.0, 1.0]), mask) == pytest.approx(1 / 5)
+    assert trainer._clip_fraction(new, old, torch.tensor([1.0, -1.0]), mask) == pytest.approx(2 / 5)
+    assert trainer._clip_fraction(new, old, torch.tensor([-1.0, 1.0]), mask) == 0.0
+    # sequence level (GSPO): ratios exp(mean) = e^(0.5/3) and e^(-0.5/2), each clipped as a whole
+    trainer.cfg = GRPOConfig(steps=1, prompts_per_step=2, group_size=2, beta=0.0, importance_sampling_level="sequence",
+                             epsilon_low=3e-4, epsilon_high=4e-4)
+    assert trainer._clip_fraction(new, old, torch.tensor([1.0, -1.0]), mask) == pytest.approx(1.0)
+    assert trainer._clip_fraction(new, old, torch.tensor([1.0, 1.0]), mask) == pytest.approx(3 / 5)

@@ -291,8 +291,9 @@ class GRPOTrainer:
     including its end-of-turn token, and step_ends index into them (see `process_advantages`). When given, the
     advantages are per token from the step rewards; reward_fn's outcome reward is still computed and logged.
     Metrics per step: reward (mean), reward_std (mean within groups), completion_length (tokens, end of turn
-    included), clip_fraction (share of tokens whose ratio left [1 − ε_low, 1 + ε_high] in the last update), kl (mean
-    k3 per token against the reference, when β > 0), loss.
+    included), clip_fraction (share of tokens whose term the clip held constant, at the loss's importance level,
+    averaged over the step's updates; 0 on the first, on-policy one), kl (mean k3 per token against the reference,
+    when β > 0, after the last update's forward), loss (of the last update).
     """
 
     def __init__(self, policy: nn.Module, tokenizer, prompts: list[list[int]], reward_fn, cfg: GRPOConfig,
@@ -356,9 +357,11 @@ class GRPOTrainer:
         temperature = cfg.temperature if cfg.temperature > 0 else 1.0
         mask = rollout.completion_mask
         self.policy.train()
+        clip_fractions = []
         for _ in range(cfg.updates_per_rollout):
             logps = per_token_logps(self.policy, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
                                     temperature)
+            clip_fractions.append(self._clip_fraction(logps.detach(), rollout.logps, advantages, mask))
             loss = policy_loss(logps, rollout.logps, advantages, mask, ref_logps=rollout.ref_logps, beta=cfg.beta,
                                epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
                                importance_sampling_level=cfg.importance_sampling_level,
@@ -371,17 +374,29 @@ class GRPOTrainer:
         self.step += 1
         with torch.no_grad():
             m = mask.float()
-            ratio = (logps.detach() - rollout.logps).exp()
-            eps_high = cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon_low
-            clipped = ((ratio < 1 - cfg.epsilon_low) | (ratio > 1 + eps_high)).float()
             metrics = {"reward": rewards.mean().item(),
                        "reward_std": rewards.view(-1, cfg.group_size).std(dim=1).mean().item(),
                        "completion_length": m.sum(1).mean().item(),
-                       "clip_fraction": ((clipped * m).sum() / m.sum()).item(), "loss": loss.item()}
+                       "clip_fraction": sum(clip_fractions) / len(clip_fractions), "loss": loss.item()}
             if rollout.ref_logps is not None:
                 delta = rollout.ref_logps - logps.detach()
                 metrics["kl"] = (((delta.exp() - delta - 1) * m).sum() / m.sum()).item()
         return metrics
+
+    @torch.no_grad()
+    def _clip_fraction(self, logps, old_logps, advantages, mask) -> float:
+        """Share of completion tokens whose objective term the clip holds constant (no gradient) in this update:
+        ratio > 1 + ε_high with a positive advantage, or < 1 − ε_low with a negative one (TRL's clip_ratio). The
+        ratio is the loss's own: per token, or with importance_sampling_level="sequence" the sequence's."""
+        cfg, m = self.cfg, mask.float()
+        log_ratio = logps - old_logps
+        if cfg.importance_sampling_level == "sequence":
+            log_ratio = ((log_ratio * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1.0)).expand_as(m)
+        ratio = log_ratio.exp()
+        adv = advantages if advantages.dim() == 2 else advantages[:, None]
+        eps_high = cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon_low
+        clipped = ((ratio > 1 + eps_high) & (adv > 0)) | ((ratio < 1 - cfg.epsilon_low) & (adv < 0))
+        return ((clipped.float() * m).sum() / m.sum().clamp(min=1.0)).item()
 
     def train(self, steps: int | None = None) -> GRPOHistory:
         end = self.cfg.steps if steps is None else min(self.cfg.steps, self.step + steps)
