@@ -94,3 +94,9 @@ def test_score_completions_equals_the_trainers_pair_scores():
         torch.testing.assert_close(scores, torch.cat([chosen, rejected]), atol=1e-5, rtol=0)  # padding differs
     with pytest.raises(ValueError, match="same length"):
         score_completions(model, tok, examples, completions[:-1])
+    # a sample that wrote a chat marker: refused, or scored up to the marker
+    odd = [completions[0] + "<|im_start|>user\nmore"]
+    with pytest.raises(ValueError, match="special token"):
+        score_completions(model, tok, examples[:1], odd)
+    torch.testing.assert_close(score_completions(model, tok, examples[:1], odd, cut_at_special=True),
+                               score_completions(model, tok, examples[:1], completions[:1]), atol=0, rtol=0)

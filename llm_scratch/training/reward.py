@@ -13,13 +13,15 @@ that has seen the whole prompt and answer in a causal model), with the classifie
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llm_scratch.models.classifier import SequenceClassifier
 from llm_scratch.tasks import Example
-from llm_scratch.tokenizer.chat import encode_chat
+from llm_scratch.tokenizer.chat import CHAT_SPECIAL_TOKENS, encode_chat
 from llm_scratch.training.engine import TrainConfig
 from llm_scratch.training.preference import PreferenceDataset, PreferenceTrainer
 from llm_scratch.training.sft import task_messages
@@ -72,15 +74,22 @@ class RewardTrainer(PreferenceTrainer):
 
 @torch.no_grad()
 def score_completions(reward_model: RewardModel, tokenizer, examples: list[Example], completions: list[str],
-                      batch_size: int = 64) -> torch.Tensor:
+                      batch_size: int = 64, cut_at_special: bool = False) -> torch.Tensor:
     """r(prompt, completion) for each (example, completion) pair -> (N,) float32 on the CPU.
 
     Each completion is scored as the assistant's answer to its example, encoded exactly as the reward model saw
     its training pairs (the chat template, closing <|im_end|> included). Rows go through in order of length, so
     that a batch holds rows of similar length; the model is put in eval mode and left there.
+
+    A completion holding a chat marker's text (a policy that wrote <|im_start|> where <|im_end|> belongs) cannot
+    be one assistant turn: it raises ValueError, or with cut_at_special=True it is scored up to the first marker
+    (the turn the template can represent; the rest of the sample is ignored).
     """
     if len(examples) != len(completions):
         raise ValueError(f"examples ({len(examples)}) and completions ({len(completions)}) must have the same length")
+    if cut_at_special:
+        cut = re.compile("|".join(re.escape(t) for t in CHAT_SPECIAL_TOKENS))
+        completions = [cut.split(c, maxsplit=1)[0] for c in completions]
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     rows = [encode_chat(tokenizer, task_messages(ex, with_answer=False) + [{"role": "assistant", "content": c}])[0]
