@@ -73,3 +73,21 @@ def test_muon_and_adamw_split(tied):
     gpt = GPT2(GPT2Config(vocab_size=50, context_length=16, d_model=32, n_layers=1, n_heads=4))
     muon, adamw = muon_and_adamw(gpt)
     assert len(muon.param_groups[0]["params"]) == 6  # q, k, v, o, up, down; the tied head stays with AdamW
+
+
+def test_muon_float32_newton_schulz_is_the_same_algorithm():
+    """ns_dtype=float32 runs the same iteration at higher precision: one step lands within bf16's rounding of the
+    default bf16 step, and equals a float32 newton_schulz by hand."""
+    w = _matrices(0)[0]
+    grad = _matrices(1)[0]
+    steps = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        p = torch.nn.Parameter(w.clone())
+        p.grad = grad.clone()
+        Muon([p], lr=0.1, momentum=0.0, nesterov=False, ns_dtype=dtype).step()
+        steps[dtype] = p.detach()
+    by_hand = w - 0.1 * Muon.lr_scale(w.shape, "original") * newton_schulz(grad, dtype=torch.float32)
+    torch.testing.assert_close(steps[torch.float32], by_hand, atol=1e-6, rtol=0)
+    assert (steps[torch.float32] - steps[torch.bfloat16]).abs().max() < 0.1 * 1.5 * 2 ** -7 * 2  # a few bf16 ulps
+    with pytest.raises(ValueError, match="ns_dtype"):
+        Muon([torch.nn.Parameter(torch.randn(4, 4))], ns_dtype=torch.int32)

@@ -161,3 +161,19 @@ def test_magnitude_qk_clip_bounds_every_logit(n_heads, n_kv_heads, bias):
         mla = MLAConfig(d_model=32, n_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8,
                         qk_rope_head_dim=4, v_head_dim=8)
         record_qk_norms(_Wrap(MultiHeadLatentAttention(mla)))
+
+
+def test_reset_attention_records_clears_both_records():
+    from llm_scratch.training.optim import record_qk_norms, reset_attention_records
+
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(vocab_size=20, context_length=16, d_model=32, n_layers=2, n_heads=4))
+    record_max_logits(model)
+    record_qk_norms(model)
+    with torch.no_grad():
+        model(torch.randint(0, 20, (2, 10)))
+    layers = [m for m in model.modules() if isinstance(m, GroupedQueryAttention)]
+    assert all(m.max_logits is not None and m.max_q_norm is not None for m in layers)
+    reset_attention_records(model)
+    assert all(m.max_logits is None and m.max_q_norm is None and m.max_k_norm is None for m in layers)
+    assert all(m.record_max_logits and m.record_qk_norms for m in layers)  # still recording

@@ -28,7 +28,7 @@ from llm_scratch.attention.gqa import GroupedQueryAttention
 from llm_scratch.attention.mla import MultiHeadLatentAttention
 
 __all__ = ["NS_COEFFICIENTS", "Muon", "logit_bounds", "magnitude_qk_clip", "muon_and_adamw", "newton_schulz", "qk_clip",
-           "record_max_logits", "record_qk_norms"]
+           "record_max_logits", "record_qk_norms", "reset_attention_records"]
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 ADJUST_LR = ("original", "match_rms_adamw")
@@ -60,12 +60,15 @@ class Muon(torch.optim.Optimizer):
     (1 − μ)·G + μ·M with Nesterov, M without; O = newton_schulz(direction); W ← W − lr·wd·W (decoupled weight
     decay); W ← W − lr'·O with lr' = lr·√max(1, A/B) ("original", Jordan) or lr·0.2·√max(A, B)
     ("match_rms_adamw", Moonshot: the update's RMS matches AdamW's, so AdamW's lr and weight decay carry over).
-    Step for step this is torch.optim.Muon (a test checks it).
+    Step for step this is torch.optim.Muon (a test checks it). ns_dtype: the Newton-Schulz iteration's dtype, bf16
+    as in the reference implementations (fast on GPUs); float32 is several times faster on CPUs without bf16 matmul
+    units, and the iteration converges the same.
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.0, ns_steps: int = 5, adjust_lr: str = "original",
-                 ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS, eps: float = 1e-7):
+                 ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS, eps: float = 1e-7,
+                 ns_dtype: torch.dtype = torch.bfloat16):
         if not lr >= 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not 0 <= momentum < 1:
@@ -76,8 +79,10 @@ class Muon(torch.optim.Optimizer):
             raise ValueError(f"ns_steps must be a positive int, got {ns_steps!r}")
         if adjust_lr not in ADJUST_LR:
             raise ValueError(f"adjust_lr must be one of {', '.join(ADJUST_LR)}, got {adjust_lr!r}")
+        if ns_dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+            raise ValueError(f"ns_dtype must be a floating dtype, got {ns_dtype}")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps,
-                        adjust_lr=adjust_lr, ns_coefficients=ns_coefficients, eps=eps)
+                        adjust_lr=adjust_lr, ns_coefficients=ns_coefficients, eps=eps, ns_dtype=ns_dtype)
         super().__init__(params, defaults)
         for group in self.param_groups:
             for i, p in enumerate(group["params"]):
@@ -107,7 +112,8 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - mu)  # M ← μM + (1 − μ)G
                 direction = p.grad.lerp(buf, mu) if group["nesterov"] else buf  # (1 − μ)G + μM
-                update = newton_schulz(direction, group["ns_steps"], group["ns_coefficients"], group["eps"])
+                update = newton_schulz(direction, group["ns_steps"], group["ns_coefficients"], group["eps"],
+                                       group["ns_dtype"])
                 p.mul_(1 - lr * group["weight_decay"])
                 p.add_(update.to(p.dtype), alpha=-lr * self.lr_scale(p.shape, group["adjust_lr"]))
         return loss
@@ -115,7 +121,8 @@ class Muon(torch.optim.Optimizer):
 
 def muon_and_adamw(model: nn.Module, lr: float = 0.02, adamw_lr: float = 3e-3, weight_decay: float = 0.0,
                    adamw_betas: tuple[float, float] = (0.9, 0.95), adjust_lr: str = "original",
-                   head_names: tuple[str, ...] = ("lm_head", "head", "score")) -> tuple[Muon, torch.optim.AdamW]:
+                   head_names: tuple[str, ...] = ("lm_head", "head", "score"),
+                   ns_dtype: torch.dtype = torch.bfloat16) -> tuple[Muon, torch.optim.AdamW]:
     """The usual split: Muon for the hidden matrices (the weights of nn.Linear layers inside the blocks), AdamW for
     everything else -- embeddings (input and position), the output head (a Linear whose name is in head_names, or a
     weight tied to an embedding), norms and biases. Every trainable parameter lands in exactly one optimizer."""
@@ -133,7 +140,7 @@ def muon_and_adamw(model: nn.Module, lr: float = 0.02, adamw_lr: float = 3e-3, w
                 other.append(p)
     if not hidden:
         raise ValueError("the model has no hidden nn.Linear weights for Muon")
-    muon = Muon(hidden, lr=lr, weight_decay=weight_decay, adjust_lr=adjust_lr)
+    muon = Muon(hidden, lr=lr, weight_decay=weight_decay, adjust_lr=adjust_lr, ns_dtype=ns_dtype)
     adamw = torch.optim.AdamW(other, lr=adamw_lr, betas=adamw_betas, weight_decay=weight_decay)
     return muon, adamw
 
@@ -151,6 +158,7 @@ def _attention_modules(model: nn.Module):
 
 def record_max_logits(model: nn.Module, enabled: bool = True) -> int:
     """Switch max-logit recording on (or off) in every attention layer; returns how many layers there are.
+    The recorded logit is q·k·scale before any soft-cap (the quantity QK-Clip bounds through the weights).
     Layers with QK-norm (Qwen3, Gemma 3) are refused: their logits are bounded by the norm, and scaling the
     projection weights would not change them (QK-Clip is the alternative to QK-norm, not an addition)."""
     modules = _attention_modules(model)
@@ -161,6 +169,15 @@ def record_max_logits(model: nn.Module, enabled: bool = True) -> int:
             raise ValueError(f"{type(m).__name__} normalizes q and k (QK-norm): QK-Clip cannot rescale its logits")
         m.record_max_logits, m.max_logits = enabled, None
     return len(modules)
+
+
+def reset_attention_records(model: nn.Module) -> None:
+    """Forget every recorded max logit and q/k norm (the recording switches stay as they are), e.g. at the start of
+    a step when the clip of the previous one did not run or cleared only its own records."""
+    for m in _attention_modules(model):
+        m.max_logits = None
+        if isinstance(m, GroupedQueryAttention):
+            m.max_q_norm = m.max_k_norm = None
 
 
 def _scale_rows(linear: nn.Linear, rows: slice, factor: torch.Tensor | float) -> None:
