@@ -166,8 +166,12 @@ def _accept(draft_tokens, draft_probs, target_probs, generator):  # speculative_
 
 @dataclass
 class SpeculativeStats:
-    """What one speculative_generate call did. acceptance_rate = accepted / proposed draft tokens."""
+    """What one speculative_generate call did. acceptance_rate = accepted / proposed draft tokens (every proposal
+    counts, also those after a rejection, which are never tested); token_acceptance = accepted / tested proposals,
+    the per-token α of Leviathan et al.'s speed-up formula (a round's proposals are tested up to the first
+    rejection)."""
 
+    gamma: int = 0
     new_tokens: int = 0
     proposed: int = 0
     accepted: int = 0
@@ -178,6 +182,12 @@ class SpeculativeStats:
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.proposed if self.proposed else float("nan")
+
+    @property
+    def token_acceptance(self) -> float:
+        rejections = sum(1 for n in self.accepted_per_round if n < self.gamma)
+        tested = self.accepted + rejections
+        return self.accepted / tested if tested else float("nan")
 
     @property
     def tokens_per_target_call(self) -> float:
@@ -211,7 +221,7 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens:
     if not isinstance(gamma, int) or gamma < 1:
         raise ValueError(f"gamma must be a positive int, got {gamma!r}")
     _check_sampling(temperature, top_k, top_p)
-    stats = SpeculativeStats()
+    stats = SpeculativeStats(gamma=gamma)
     if max_new_tokens == 0:
         return input_ids, stats
     T = input_ids.shape[1]
@@ -295,7 +305,7 @@ def mtp_speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if not hasattr(model, "draft") or not len(getattr(model, "mtp", ())):
         raise ValueError("model must have MTP modules (DeepSeekV3 with n_mtp >= 1)")
-    stats = SpeculativeStats()
+    stats = SpeculativeStats(gamma=len(model.mtp))
     was_training = model.training
     model.eval()
     try:

@@ -141,7 +141,11 @@ def test_greedy_speculative_is_greedy_generate_of_the_target(gamma):
             assert out.tolist() == expected.tolist()
             assert stats.new_tokens == 20 and stats.accepted <= stats.proposed
             if draft is target:
-                assert stats.acceptance_rate == 1.0
+                assert stats.acceptance_rate == 1.0 and stats.token_acceptance == 1.0
+            else:  # α counts only tested proposals: those up to and including each round's rejection
+                rejections = sum(n < gamma for n in stats.accepted_per_round)
+                assert stats.token_acceptance == stats.accepted / (stats.accepted + rejections)
+                assert stats.token_acceptance >= stats.acceptance_rate
 
 
 def test_sampled_speculative_runs_with_top_k_and_top_p_and_counts_calls():
