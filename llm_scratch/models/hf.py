@@ -27,6 +27,7 @@ from llm_scratch.models.gpt2 import GPT2, GPT2Config
 from llm_scratch.models.llama3 import Llama3, Llama3Config
 from llm_scratch.models.mamba2 import Mamba2Config, Mamba2LM
 from llm_scratch.models.qwen3 import Qwen3, Qwen3Config
+from llm_scratch.models.vit import ViT, ViTConfig
 from llm_scratch.position.rope import RopeScaling
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "load_hf_checkpoint", "read_hf_state_dict"]
@@ -328,6 +329,40 @@ def _mamba2_weights(state: dict[str, torch.Tensor], cfg: Mamba2Config) -> dict[s
     return out
 
 
+def _vit_config(hf: dict) -> ViTConfig:
+    _check_unsupported(hf, hidden_act=("gelu",), qkv_bias=(True,))
+    n_classes = len(hf["id2label"]) if "id2label" in hf else hf.get("num_labels", 2)
+    return ViTConfig(image_size=hf["image_size"], patch_size=hf["patch_size"], n_channels=hf.get("num_channels", 3),
+                     d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
+                     ffn_hidden=hf["intermediate_size"], n_classes=n_classes,
+                     layer_norm_eps=_json_float(hf.get("layer_norm_eps", 1e-12)))
+
+
+_VIT_LAYER_NAMES = {"attention.attention.query": "attn.q_proj", "attention.attention.key": "attn.k_proj",
+                    "attention.attention.value": "attn.v_proj", "attention.output.dense": "attn.o_proj",
+                    "intermediate.dense": "mlp.up_proj", "output.dense": "mlp.down_proj",
+                    "layernorm_before": "ln_1", "layernorm_after": "ln_2"}
+
+
+def _vit_weights(state: dict[str, torch.Tensor], cfg: ViTConfig) -> dict[str, torch.Tensor]:
+    """ViTForImageClassification's names -> ours (the layouts are the same; only names change)."""
+    top = {"vit.embeddings.cls_token": "cls_token", "vit.embeddings.position_embeddings": "pos_embed",
+           "vit.embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+           "vit.embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+           "vit.layernorm.weight": "norm.weight", "vit.layernorm.bias": "norm.bias",
+           "classifier.weight": "head.weight", "classifier.bias": "head.bias"}
+    layer = re.compile(r"vit\.encoder\.layer\.(\d+)\.(.+)\.(weight|bias)")
+    out = {}
+    for key, value in state.items():
+        if key in top:
+            out[top[key]] = value
+        elif (m := layer.fullmatch(key)) and m.group(2) in _VIT_LAYER_NAMES:
+            out[f"blocks.{m.group(1)}.{_VIT_LAYER_NAMES[m.group(2)]}.{m.group(3)}"] = value
+        else:
+            out[key] = value  # reported as unexpected by the strict load
+    return out
+
+
 # model_type -> (config translator, weight mapper, model class)
 _ARCHITECTURES: dict[str, tuple[Callable, Callable, type[nn.Module]]] = {
     "gpt2": (_gpt2_config, _gpt2_weights, GPT2),
@@ -336,6 +371,7 @@ _ARCHITECTURES: dict[str, tuple[Callable, Callable, type[nn.Module]]] = {
     "gemma3_text": (_gemma3_config, _llama_family_weights(_GEMMA_LAYER_NAMES), Gemma3),
     "deepseek_v3": (_deepseek_v3_config, _deepseek_v3_weights, DeepSeekV3),
     "mamba2": (_mamba2_config, _mamba2_weights, Mamba2LM),
+    "vit": (_vit_config, _vit_weights, ViT),
 }
 SUPPORTED_MODEL_TYPES = tuple(_ARCHITECTURES)
 
