@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "load_digits",
     "DATA_FILES",
     "DataFile",
     "TokenWindows",
@@ -220,3 +221,29 @@ def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, shuffle: boo
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
                                        generator=generator, num_workers=num_workers)
+
+
+def load_digits(test_fraction: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                       torch.Tensor]:
+    """The 1,797 handwritten digits (8 x 8 grey images, 10 classes) that scikit-learn ships inside its wheel: no
+    download. -> (train_images (N, 1, 8, 8) float32 in [0, 1], train_labels (N,) int64, test_images, test_labels).
+
+    The split is stratified (each digit keeps the same share in both halves) and seeded, so it is the same on every
+    machine. scikit-learn is a dev dependency, imported here only.
+    """
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits
+    except ImportError as error:  # pragma: no cover - the dev extra installs it
+        raise ImportError("load_digits needs scikit-learn: pip install -e '.[dev]'") from error
+    data = sklearn_digits()
+    images = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0  # pixel values are 0..16
+    labels = torch.tensor(data.target, dtype=torch.int64)
+    g = torch.Generator().manual_seed(seed)
+    test = torch.zeros(len(labels), dtype=torch.bool)
+    for digit in range(10):
+        idx = (labels == digit).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        test[idx[: round(test_fraction * len(idx))]] = True
+    return images[~test], labels[~test], images[test], labels[test]

@@ -8,6 +8,7 @@ import hashlib
 import os
 
 import pytest
+import torch
 
 from llm_scratch import data
 from llm_scratch.data import DATA_FILES, data_path, load_corpus
@@ -92,3 +93,22 @@ def test_tiny_shakespeare_text():
             raise
         pytest.skip(f"Tiny Shakespeare is not cached on this machine: {err}")
     assert text.startswith("First Citizen:\n") and len(text) == 1_115_394
+
+
+def test_load_digits_split_is_stratified_disjoint_and_seeded():
+    from llm_scratch.data import load_digits
+
+    x_tr, y_tr, x_te, y_te = load_digits()
+    assert x_tr.shape[1:] == (1, 8, 8) and len(x_tr) + len(x_te) == 1797
+    assert x_tr.dtype == torch.float32 and 0 <= x_tr.min() and x_tr.max() <= 1
+    assert set(y_te.tolist()) == set(range(10))
+    for digit in range(10):  # each class ~20 % in test
+        n_te, n_all = int((y_te == digit).sum()), int((y_te == digit).sum() + (y_tr == digit).sum())
+        assert n_te == round(0.2 * n_all)
+    rows_tr = {tuple(r) for r in x_tr.flatten(1).tolist()}
+    rows_te = [tuple(r) for r in x_te.flatten(1).tolist()]
+    assert sum(r in rows_tr for r in rows_te) <= 2  # the dataset itself has a few duplicate images
+    again = load_digits()
+    assert torch.equal(again[2], x_te) and torch.equal(again[3], y_te)
+    with pytest.raises(ValueError, match="test_fraction"):
+        load_digits(test_fraction=1.0)
