@@ -438,8 +438,42 @@ def bench_speculative(device: torch.device, quick: bool) -> None:
               f"{stats.acceptance_rate:>12.2f}{stats.tokens_per_target_call:>20.2f}")
 
 
+@torch.no_grad()
+def bench_vit(device: torch.device, quick: bool) -> None:
+    """ViT forward (inference) images/s: ours vs transformers' ViTForImageClassification with the same weights
+    (loaded through load_hf_checkpoint), float32, SDPA in both, interleaved timing."""
+    import tempfile
+
+    from transformers import ViTConfig as HFViTConfig
+    from transformers import ViTForImageClassification
+
+    from llm_scratch.models.hf import load_hf_checkpoint
+
+    configs = {"ViT-Ti/16-ish, 64 px": (dict(image_size=64, patch_size=16, hidden_size=192, num_hidden_layers=12,
+                                              num_attention_heads=3, intermediate_size=768), 32),
+               "ViT-B/16, 224 px": (dict(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12,
+                                         num_attention_heads=12, intermediate_size=3072), 4 if quick else 8)}
+    print("\nViT forward, float32 (images/s)")
+    print(f"{'config':>22}{'batch':>7}{'ours':>10}{'transformers':>14}{'ratio':>8}")
+    for name, (sizes, batch) in configs.items():
+        if quick and name.startswith("ViT-B"):
+            sizes = {**sizes, "num_hidden_layers": 2}
+            name += " (2 layers)"
+        torch.manual_seed(0)
+        theirs = ViTForImageClassification(HFViTConfig(**sizes, num_labels=1000, attn_implementation="sdpa")).eval()
+        with tempfile.TemporaryDirectory() as folder:
+            theirs.save_pretrained(folder)
+            ours = load_hf_checkpoint(folder, device=device)
+        theirs = theirs.to(device)
+        x = torch.randn(batch, 3, sizes["image_size"], sizes["image_size"], device=device)
+        ms = timeit_interleaved({"ours": partial(ours, x), "theirs": partial(theirs, pixel_values=x)}, device,
+                                3 if quick else 10)
+        print(f"{name:>22}{batch:>7}{batch / ms['ours'] * 1e3:>10.1f}{batch / ms['theirs'] * 1e3:>14.1f}"
+              f"{ms['theirs'] / ms['ours']:>8.2f}")
+
+
 BENCHMARKS = [bench_sdpa_paths, bench_kv_cache_decode, bench_bpe, bench_gpt2, bench_mixers, bench_sft, bench_rollouts,
-              bench_speculative]
+              bench_speculative, bench_vit]
 
 
 def main() -> None:
