@@ -108,3 +108,18 @@ def test_attention_maps_are_distributions():
     maps = model.attention_maps(torch.randn(3, 1, 16, 16))
     assert len(maps) == 2 and maps[0].shape == (3, 2, 17, 17)
     torch.testing.assert_close(maps[1].sum(-1), torch.ones(3, 2, 17))
+
+
+def test_attention_maps_equal_hugging_face_also_interpolated(tmp_path):
+    theirs, ours = _hf_pair(tmp_path, "rgb-32")
+    theirs.set_attn_implementation("eager")  # the eager path returns the attention probabilities
+    for size, interpolate in [((32, 32), False), ((48, 40), True)]:
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            expected = theirs(x, output_attentions=True, interpolate_pos_encoding=interpolate).attentions
+        got = ours.attention_maps(x, interpolate_pos_encoding=interpolate)
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, atol=1e-5, rtol=0)  # probabilities of float32 softmaxes
+    with pytest.raises(ValueError, match="interpolate_pos_encoding"):
+        ours.attention_maps(torch.randn(1, 3, 48, 40))

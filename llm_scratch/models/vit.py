@@ -165,9 +165,8 @@ class ViT(nn.Module):
         if H % c.patch_size or W % c.patch_size:
             raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {c.patch_size}")
 
-    def hidden_states(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
-        """pixel_values (B, C, H, W) -> the final LayerNorm's output (B, 1 + N, D): CLS first, then the patches
-        in row-major order. An image of another size than cfg.image_size needs interpolate_pos_encoding=True."""
+    def _embed(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool) -> torch.Tensor:
+        """Eq. 1: [CLS; patch embeddings] + position embeddings (interpolated to the image's grid on request)."""
         self._check(pixel_values)
         H, W = pixel_values.shape[-2:]
         grid = (H // self.cfg.patch_size, W // self.cfg.patch_size)
@@ -179,8 +178,12 @@ class ViT(nn.Module):
                                  "embeddings")
             pos = interpolate_position_embeddings(pos, grid)
         x = self.patch_embed(pixel_values)  # (B, N, D)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos
-        x = self.dropout(x)
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos
+
+    def hidden_states(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """pixel_values (B, C, H, W) -> the final LayerNorm's output (B, 1 + N, D): CLS first, then the patches
+        in row-major order. An image of another size than cfg.image_size needs interpolate_pos_encoding=True."""
+        x = self.dropout(self._embed(pixel_values, interpolate_pos_encoding))
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
@@ -189,13 +192,11 @@ class ViT(nn.Module):
         """pixel_values (B, C, H, W) -> logits (B, n_classes), from the CLS token's final state."""
         return self.head(self.hidden_states(pixel_values, interpolate_pos_encoding)[:, 0])
 
-    def attention_maps(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    def attention_maps(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> list[torch.Tensor]:
         """Each layer's attention weights (B, H, 1 + N, 1 + N), recomputed explicitly (for plots, not speed)."""
-        self._check(pixel_values)
         maps = []
         with torch.no_grad():
-            x = torch.cat([self.cls_token.expand(pixel_values.shape[0], -1, -1), self.patch_embed(pixel_values)],
-                          dim=1) + self.pos_embed
+            x = self._embed(pixel_values, interpolate_pos_encoding)
             for block in self.blocks:
                 maps.append(block.attn.attention_scores(block.ln_1(x)).softmax(dim=-1))
                 x = block(x)
