@@ -56,6 +56,12 @@ def _shakespeare_sft(path: pathlib.Path) -> None:
     _into_place(path, load_or_finetune)
 
 
+def _digits_vit(path: pathlib.Path) -> None:
+    from llm_scratch.training.pretrained import load_or_train_digits_vit
+
+    _into_place(path, load_or_train_digits_vit)
+
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # name -> (path stem relative to the repository, builder, the suffixes it writes), in dependency order
@@ -65,6 +71,7 @@ ARTIFACTS: dict[str, tuple[str, Callable[[pathlib.Path], None], tuple[str, ...]]
                                (".safetensors", ".json")),
     "shakespeare_gpt": ("data/checkpoints/shakespeare_gpt", _shakespeare_gpt, (".safetensors", ".json")),
     "shakespeare_sft": ("data/checkpoints/shakespeare_sft", _shakespeare_sft, (".safetensors", ".json")),
+    "digits_vit": ("data/checkpoints/digits_vit", _digits_vit, (".safetensors", ".json")),
 }
 
 

@@ -24,8 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
-__all__ = ["FAMILIES", "SPLITS", "Example", "PreferencePair", "SumChain", "make_line_classification",
-           "make_preference_pairs", "make_sum_chains", "make_tasks", "split_of"]
+__all__ = ["DIGIT_WORDS", "FAMILIES", "IMAGE_FAMILIES", "SPLITS", "Example", "ImageExample", "PreferencePair",
+           "SumChain", "make_digit_examples", "make_line_classification", "make_preference_pairs", "make_sum_chains",
+           "make_tasks", "split_of"]
 
 SPLITS = {"train": (0.0, 0.8), "validation": (0.8, 0.9), "test": (0.9, 1.0)}  # shares of the hash range
 NUMERIC = {"add", "subtract", "multiply", "word_problem", "count_letter"}
@@ -398,3 +399,64 @@ def make_sum_chains(n: int, split: str = "train", n_terms: int = 3, seed: int = 
         if len(seen) == available:
             break
     raise ValueError(f"only {len(out)} distinct {split} sums of {n_terms} terms exist, fewer than n={n}")
+
+
+# --- questions about images of digits (the vision-language chapter) --------------------------------------------
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+IMAGE_FAMILIES = ("caption", "digit", "parity", "plus_two")
+# family -> (question, answer template); the answer templates see the digit d, its word w and a yes/no y/n
+_IMAGE_TEMPLATES = {
+    "caption": [("Describe the image.", "a handwritten {w}"),
+                ("Write a caption for this picture.", "the digit {w}, written by hand"),
+                ("What is in the picture?", "a handwritten {w}")],
+    "digit": [("What digit is this?", "{d}"), ("Which digit is shown?", "{d}"),
+              ("What number is written here?", "{d}")],
+    "parity": [("Is it even?", "{even}"), ("Is this digit odd?", "{odd}"), ("Is the number even?", "{even}")],
+    "plus_two": [("What is it plus two?", "{p}"), ("Add two to this digit.", "{p}"),
+                 ("What do you get if you add 2 to it?", "{p}")],
+}
+
+
+@dataclass(frozen=True)
+class ImageExample:
+    """A question about image number `image` (an index into the images it was made for) of the digit `label`."""
+
+    image: int
+    label: int
+    family: str
+    question: str
+    answer: str
+
+    def check(self, answer: str) -> bool:
+        """Digit and plus_two: the number; parity: "yes"/"no" (case and a final "." ignored); caption: it names
+        the right digit as a word and no other digit word (so "a handwritten 7" or "seven or one" fail)."""
+        if self.family in ("digit", "plus_two"):
+            return _as_number(answer) is not None and _as_number(answer) == _as_number(self.answer)
+        if self.family == "parity":
+            return answer.strip().lower().removesuffix(".") == self.answer
+        words = set(re.findall(r"[a-z]+", answer.lower()))
+        return DIGIT_WORDS[self.label] in words and len(words & set(DIGIT_WORDS)) == 1
+
+
+def make_digit_examples(labels, families: tuple[str, ...] | list[str] = IMAGE_FAMILIES,
+                        seed: int = 0) -> list[ImageExample]:
+    """One example per image and family, for the images whose digits are `labels` (a sequence or tensor of ints
+    0..9, e.g. a split of data.load_digits): the question's wording drawn from three templates per family with a
+    seeded generator. The held-out split is the images' own (train images for training, test images to evaluate).
+    """
+    unknown = [f for f in families if f not in IMAGE_FAMILIES]
+    if unknown or not families:
+        raise ValueError(f"families must be a non-empty subset of {', '.join(IMAGE_FAMILIES)}, got {list(families)}")
+    labels = [int(x) for x in labels]
+    if any(not 0 <= x <= 9 for x in labels):
+        raise ValueError("labels must be digits 0..9")
+    rng = random.Random(f"{seed}:digit_images")
+    out = []
+    for i, d in enumerate(labels):
+        for family in families:
+            question, template = rng.choice(_IMAGE_TEMPLATES[family])
+            answer = template.format(d=d, w=DIGIT_WORDS[d], p=d + 2, even="yes" if d % 2 == 0 else "no",
+                                     odd="yes" if d % 2 else "no")
+            out.append(ImageExample(i, d, family, question, answer))
+    return out

@@ -94,6 +94,20 @@ def test_logits_equal_hugging_face(tmp_path, case):
         torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("case", ["llama-gqa-llama3-rope", "qwen3-head-dim-32", "gemma3-softcap-scaled-rope"])
+def test_inputs_embeds_equal_hugging_face_and_the_token_path(tmp_path, case):
+    ours, theirs = _hf_pair(tmp_path, case)
+    embeds = torch.randn(2, 12, SMALL["hidden_size"])  # used as given: Gemma's sqrt(d) scale is embed_tokens' job
+    ids = torch.randint(0, V, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(inputs_embeds=embeds), theirs(inputs_embeds=embeds).logits, atol=1e-5, rtol=0)
+        assert torch.equal(ours(inputs_embeds=ours.embed_tokens(ids)), ours(ids))
+        # a cached prefill from embeddings, then token decoding, as a vision-language model generates
+        caches = ours.init_caches(2, 13)
+        ours(inputs_embeds=ours.embed_tokens(ids[:, :8]), caches=caches)
+        torch.testing.assert_close(ours(ids[:, 8:], caches=caches), ours(ids)[:, 8:], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("case", ["llama-gqa-llama3-rope", "qwen3-head-dim-32", "gemma3-two-periods"])
 def test_greedy_generation_equals_hugging_face(tmp_path, case):
     ours, theirs = _hf_pair(tmp_path, case)

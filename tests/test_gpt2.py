@@ -50,6 +50,23 @@ def test_logits_equal_hugging_face(tmp_path, kw):
         torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-5, rtol=0)
 
 
+
+def test_inputs_embeds_equal_hugging_face_and_the_token_path(tmp_path):
+    kw = TINY_CONFIGS[0]
+    ours, theirs = _hf_pair(tmp_path, **kw)
+    embeds = torch.randn(2, 9, kw["n_embd"])  # vectors no token has: positions are still added to them
+    mask = torch.tensor([[False, False] + [True] * 7, [True] * 9])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(inputs_embeds=embeds), theirs(inputs_embeds=embeds).logits, atol=1e-5, rtol=0)
+        ids = torch.randint(0, kw["vocab_size"], (2, 9))
+        assert torch.equal(ours(inputs_embeds=ours.embed_tokens(ids), padding_mask=mask), ours(ids, padding_mask=mask))
+    with pytest.raises(ValueError, match="exactly one of input_ids"):
+        ours(ids, inputs_embeds=embeds)
+    with pytest.raises(ValueError, match="exactly one of input_ids"):
+        ours()
+    with pytest.raises(ValueError, match=rf"inputs_embeds must have shape \(B, T, {kw['n_embd']}\)"):
+        ours(inputs_embeds=torch.randn(2, 9, kw["n_embd"] - 1))
+
 def test_sharded_checkpoint_and_bad_checkpoints(tmp_path):
     torch.manual_seed(0)
     theirs = GPT2LMHeadModel(HFConfig(**TINY_CONFIGS[0])).eval()

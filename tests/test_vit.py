@@ -119,7 +119,7 @@ def test_attention_maps_equal_hugging_face_also_interpolated(tmp_path):
             expected = theirs(x, output_attentions=True, interpolate_pos_encoding=interpolate).attentions
         got = ours.attention_maps(x, interpolate_pos_encoding=interpolate)
         assert len(got) == len(expected)
-        for g, e in zip(got, expected):
+        for g, e in zip(got, expected, strict=True):
             torch.testing.assert_close(g, e, atol=1e-5, rtol=0)  # probabilities of float32 softmaxes
     with pytest.raises(ValueError, match="interpolate_pos_encoding"):
         ours.attention_maps(torch.randn(1, 3, 48, 40))

@@ -25,7 +25,7 @@ from llm_scratch.ffn import MLP
 from llm_scratch.norm import LayerNorm
 from llm_scratch.position.absolute import LearnedPositionEmbedding
 
-__all__ = ["GPT2", "GPT2Config", "check_input_ids"]
+__all__ = ["GPT2", "GPT2Config", "check_input_ids", "token_embeddings"]
 
 # name -> (d_model, n_layers, n_heads), from the paper's Table 2 and the released checkpoints
 _PRESETS = {
@@ -77,6 +77,21 @@ def check_input_ids(input_ids: torch.Tensor, caches, context_length: int) -> Non
         raise ValueError(f"sequence of {total} tokens exceeds the context length {context_length}")
 
 
+def token_embeddings(embed_tokens, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+                     d_model: int) -> torch.Tensor:
+    """The (B, T, C) vectors the first block reads: embed_tokens(input_ids), or inputs_embeds as given (e.g. text
+    embeddings with image features spliced in, as a vision-language model builds them). Exactly one of the two."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids (B, T) and inputs_embeds (B, T, C)")
+    if inputs_embeds is None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
+        return embed_tokens(input_ids)
+    if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != d_model:
+        raise ValueError(f"inputs_embeds must have shape (B, T, {d_model}), got {tuple(inputs_embeds.shape)}")
+    return inputs_embeds
+
+
 class Block(nn.Module):
     def __init__(self, cfg: GPT2Config):
         super().__init__()
@@ -123,9 +138,13 @@ class GPT2(nn.Module):
             raise ValueError(f"max_len {max_len} exceeds the context length {self.cfg.context_length}")
         return [block.attn.init_cache(batch_size, max_len, dtype=dtype, device=device) for block in self.blocks]
 
-    def hidden_states(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None,
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> token embeddings (B, T, C), before positions are added."""
+        return self.wte(input_ids)
+
+    def hidden_states(self, input_ids: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None,
                       caches: list[KVCache] | None = None, positions: torch.Tensor | None = None,
-                      attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      attn_mask: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> the final LayerNorm's output (B, T, C), what the LM head (or a classifier) reads.
 
         padding_mask: (B, T) True for real tokens (pad on the left for generation). Positions then
@@ -133,21 +152,24 @@ class GPT2(nn.Module):
         caches: from init_caches; each call appends this call's keys and values.
         positions: (B, T) or (T,) position ids, overriding the default.
         attn_mask: (B, T, Tk) bool, True = may attend, on top of the causal mask (packed sequences).
+        inputs_embeds: (B, T, C) token embeddings to use instead of wte(input_ids); positions are added as usual.
         """
-        check_input_ids(input_ids, caches, self.cfg.context_length)
+        x = token_embeddings(self.embed_tokens, input_ids, inputs_embeds, self.cfg.d_model)  # (B, T, C)
+        check_input_ids(x[..., 0], caches, self.cfg.context_length)  # x[..., 0]: a (B, T) stand-in for the shape
         if positions is None:
-            positions = next_positions(caches, input_ids, padding_mask)  # real tokens only: padding shifts nothing
-        x = self.dropout(self.wte(input_ids) + self.wpe(positions))  # (B, T, C)
+            positions = next_positions(caches, x[..., 0], padding_mask)  # real tokens only: padding shifts nothing
+        x = self.dropout(x + self.wpe(positions))  # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, padding_mask=padding_mask, cache=caches[i] if caches else None, attn_mask=attn_mask)
         return self.ln_f(x)
 
-    def forward(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None,
                 caches: list[KVCache] | None = None, positions: torch.Tensor | None = None,
-                last_only: bool = False, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only (what generation needs).
-        The other arguments are hidden_states'."""
-        h = self.hidden_states(input_ids, padding_mask, caches, positions, attn_mask)
+                last_only: bool = False, attn_mask: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) (or inputs_embeds (B, T, C)) -> logits (B, T, V), or (B, 1, V) with last_only (what
+        generation needs). The other arguments are hidden_states'."""
+        h = self.hidden_states(input_ids, padding_mask, caches, positions, attn_mask, inputs_embeds)
         if last_only:  # generation needs the next token's logits only: skip the (T-1)·C·V head flops
             h = h[:, -1:]
         return self.logits(h)  # (B, T, V)

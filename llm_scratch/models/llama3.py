@@ -25,7 +25,7 @@ from torch import nn
 from llm_scratch.attention import GroupedQueryAttention, KVCache, next_positions
 from llm_scratch.embedding import TiedLMHead
 from llm_scratch.ffn import SwiGLU
-from llm_scratch.models.gpt2 import check_input_ids
+from llm_scratch.models.gpt2 import check_input_ids, token_embeddings
 from llm_scratch.models.presets import PresetConfig
 from llm_scratch.norm import RMSNorm
 from llm_scratch.position.rope import RopeScaling, RotaryEmbedding
@@ -183,9 +183,9 @@ class Llama3(nn.Module):
             raise ValueError(f"max_len {max_len} exceeds the context length {self.cfg.context_length}")
         return [block.attn.init_cache(batch_size, max_len, dtype=dtype, device=device) for block in self.blocks]
 
-    def hidden_states(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None,
+    def hidden_states(self, input_ids: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None,
                       caches: list[KVCache] | None = None, positions: torch.Tensor | None = None,
-                      attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      attn_mask: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> the final norm's output (B, T, C), what the LM head (or a classifier) reads.
 
         padding_mask: (B, T), True for real tokens (pad on the left for generation); positions count real
@@ -193,24 +193,27 @@ class Llama3(nn.Module):
         caches: from init_caches; each call appends this call's keys and values.
         positions: (T,) or (B, T) position ids, overriding the default.
         attn_mask: (B, T, Tk) bool, True = may attend, on top of the causal mask (packed sequences).
+        inputs_embeds: (B, T, C) to use instead of embed_tokens(input_ids) (already scaled where the model scales
+            its embeddings, as Gemma's embed_tokens does).
         """
-        check_input_ids(input_ids, caches, self.cfg.context_length)
+        x = token_embeddings(self.embed_tokens, input_ids, inputs_embeds, self.cfg.d_model)  # (B, T, C)
+        check_input_ids(x[..., 0], caches, self.cfg.context_length)  # x[..., 0]: a (B, T) stand-in for the shape
         if caches is not None and len(caches) != len(self.blocks):
             raise ValueError(f"caches must hold one cache per layer ({len(self.blocks)}), got {len(caches)}")
         if positions is None:
-            positions = next_positions(caches, input_ids, padding_mask)
-        x = self.embed_tokens(input_ids)  # (B, T, C)
+            positions = next_positions(caches, x[..., 0], padding_mask)
         for i, block in enumerate(self.blocks):
             x = block(x, padding_mask=padding_mask, cache=caches[i] if caches else None, positions=positions,
                       attn_mask=attn_mask)
         return self.norm(x)
 
-    def forward(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None,
                 caches: list[KVCache] | None = None, positions: torch.Tensor | None = None,
-                last_only: bool = False, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only (what generation needs).
-        The other arguments are hidden_states'."""
-        h = self.hidden_states(input_ids, padding_mask, caches, positions, attn_mask)
+                last_only: bool = False, attn_mask: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) (or inputs_embeds (B, T, C)) -> logits (B, T, V), or (B, 1, V) with last_only (what
+        generation needs). The other arguments are hidden_states'."""
+        h = self.hidden_states(input_ids, padding_mask, caches, positions, attn_mask, inputs_embeds)
         if last_only:  # generation needs the next token's logits only: skip the (T-1)·C·V head flops
             h = h[:, -1:]
         return self.logits(h)  # (B, T, V)

@@ -3,6 +3,7 @@ the project's own 4,096-token BPE, and the same model after supervised fine-tuni
 
     model, info = load_or_pretrain()      # the committed checkpoint, or train it (about an hour on a CPU)
     model, info = load_or_finetune()      # the SFT model (chat template, nine task families)
+    vit, info = load_or_train_digits_vit()  # a small ViT on scikit-learn's 8 x 8 digits (the VLM's encoder)
 
 `make artifacts` retrains them with the fixed settings below and rewrites
 data/checkpoints/shakespeare_{gpt,sft}.{safetensors,json}; each JSON records the config, seed, data, steps,
@@ -21,11 +22,12 @@ import torch
 from llm_scratch.checkpoint import checkpoint_paths, load_checkpoint, read_checkpoint_info, save_checkpoint
 from llm_scratch.data import TokenWindows, tokenize_corpus, train_val_split
 from llm_scratch.models.gpt2 import GPT2, GPT2Config
+from llm_scratch.models.vit import ViT, ViTConfig
 from llm_scratch.tokenizer import get_tokenizer
 from llm_scratch.training.engine import TrainConfig, Trainer
 
-__all__ = ["SFT_TRAINING", "SHAKESPEARE_GPT", "SHAKESPEARE_SFT", "load_or_finetune", "load_or_pretrain",
-           "shakespeare_gpt_config", "shakespeare_gpt_data", "sft_eval_examples"]
+__all__ = ["DIGITS_VIT", "SFT_TRAINING", "SHAKESPEARE_GPT", "SHAKESPEARE_SFT", "load_or_finetune", "load_or_pretrain",
+           "load_or_train_digits_vit", "shakespeare_gpt_config", "shakespeare_gpt_data", "sft_eval_examples"]
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 SHAKESPEARE_GPT = REPO_ROOT / "data" / "checkpoints" / "shakespeare_gpt"
@@ -166,3 +168,54 @@ def load_or_finetune(path: str | pathlib.Path = SHAKESPEARE_SFT, device: torch.d
     }
     save_checkpoint(path, base.cpu(), base_info["config"], metadata)
     return base.to(device).eval(), read_checkpoint_info(path)
+
+
+# --- a small ViT on the 8 x 8 digits (the vision encoder of the vision-language notebook) ------------------------
+
+DIGITS_VIT = REPO_ROOT / "data" / "checkpoints" / "digits_vit"
+# the ViT notebook's model (patch 2 -> 16 patches, width 64, 3 layers) trained twice as long: 20 epochs of the
+# 1,438 training images at batch 48 (30 steps an epoch), cosine to 0 after 30 warm-up steps
+DIGITS_VIT_TRAINING = dict(max_steps=600, batch_size=48, lr=1.5e-3, min_lr_ratio=0.0, warmup_steps=30,
+                           weight_decay=0.05, grad_clip=None, eval_every=150, eval_batches=7, seed=0)
+
+
+def load_or_train_digits_vit(path: str | pathlib.Path = DIGITS_VIT, device: torch.device | str = "cpu",
+                             progress: bool = True) -> tuple[ViT, dict]:
+    """A ViT trained on data.load_digits()'s training split, from `<path>.safetensors` + `.json` if present (strict
+    keys), else trained (about 30 s on a laptop CPU) and saved; the JSON records the held-out accuracy."""
+    st_path, json_path = checkpoint_paths(path)
+    if st_path.exists() and json_path.exists():
+        info = read_checkpoint_info(path)
+        model = ViT(ViTConfig(**info["config"]))
+        load_checkpoint(path, model)
+        return model.to(device).eval(), info
+    from llm_scratch.data import load_digits
+
+    train_x, train_y, test_x, test_y = load_digits()
+    settings = dict(DIGITS_VIT_TRAINING)
+    torch.manual_seed(settings["seed"])
+    cfg = ViTConfig(image_size=8, patch_size=2, n_channels=1, d_model=64, n_layers=3, n_heads=4, ffn_hidden=128,
+                    n_classes=10, layer_norm_eps=1e-6)
+    model = ViT(cfg)
+    trainer = Trainer(model, list(zip(train_x, train_y, strict=True)), list(zip(test_x, test_y, strict=True)),
+                      TrainConfig(**settings, progress=progress), device=device)
+    start = time.perf_counter()
+    history = trainer.train()
+    seconds = time.perf_counter() - start
+    model.eval()
+    with torch.no_grad():
+        accuracy = {name: (model(x.to(trainer.device)).argmax(-1).cpu() == y).float().mean().item()
+                    for name, x, y in (("train", train_x, train_y), ("test", test_x, test_y))}
+    metadata = {
+        **settings,
+        "data": f"llm_scratch.data.load_digits(): {len(train_y)} training images (the loss is on them), "
+                f"{len(test_y)} held-out images (the validation loss and the test accuracy)",
+        "accuracy": {k: round(v, 4) for k, v in accuracy.items()},
+        "train_seconds": round(seconds, 1),
+        "device": str(trainer.device),
+        "torch": torch.__version__,
+        "loss_log": {"step": history.step, "train_loss": [round(x, 4) for x in history.train_loss],
+                     "val_step": history.val_step, "val_loss": [round(x, 4) for x in history.val_loss]},
+    }
+    save_checkpoint(path, model.cpu(), cfg.to_dict(), metadata)
+    return model.to(device).eval(), read_checkpoint_info(path)

@@ -35,11 +35,13 @@ from llm_scratch.training.losses import IGNORE_INDEX
 
 __all__ = [
     "SFTDataset",
+    "accuracy_by_family",
     "collate_sft",
     "encode_example",
     "encode_prompt",
     "evaluate_tasks",
     "generate_answers",
+    "left_pad",
     "pack_sequences",
     "packed_attention_mask",
     "packed_positions",
@@ -216,6 +218,17 @@ def sft_trainer(model, tokenizer, train_examples: Sequence[Example], val_example
 
 # --- evaluation by generation ---------------------------------------------------------------------------
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths -> (ids (B, T), padding_mask (B, T)), padded on the left as generation needs."""
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[b, T - len(p):] = True
+    return ids, mask
+
+
 @torch.no_grad()
 def generate_answers(model, tokenizer, examples: Sequence[Example], max_new_tokens: int = 16,
                      batch_size: int = 64, temperature: float = 0.0, top_p: float | None = None,
@@ -235,11 +248,7 @@ def generate_answers(model, tokenizer, examples: Sequence[Example], max_new_toke
         if limit is not None and T + max_new_tokens > limit:
             raise ValueError(f"a prompt of {T} tokens plus max_new_tokens={max_new_tokens} exceeds the context "
                              f"length {limit}")
-        ids = torch.full((len(prompts), T), end, dtype=torch.long)
-        mask = torch.zeros(len(prompts), T, dtype=torch.bool)
-        for b, p in enumerate(prompts):
-            ids[b, T - len(p):] = torch.tensor(p)
-            mask[b, T - len(p):] = True
+        ids, mask = left_pad(prompts, end)
         out = generate(model, ids.to(device), max_new_tokens, temperature=temperature, top_p=top_p,
                        eos_token_id=end, padding_mask=mask.to(device), generator=generator)
         for row in out[:, T:].tolist():
@@ -250,7 +259,11 @@ def generate_answers(model, tokenizer, examples: Sequence[Example], max_new_toke
 
 def evaluate_tasks(model, tokenizer, examples: Sequence[Example], **generation) -> dict[str, float]:
     """Exact-match accuracy (each example's own checker) per task family, and over all examples ("all")."""
-    answers = generate_answers(model, tokenizer, examples, **generation)
+    return accuracy_by_family(examples, generate_answers(model, tokenizer, examples, **generation))
+
+
+def accuracy_by_family(examples: Sequence, answers: Sequence[str]) -> dict[str, float]:
+    """Share of answers each example's own `check` accepts, per family and over all examples ("all")."""
     right: dict[str, list[bool]] = {}
     for ex, answer in zip(examples, answers, strict=True):
         right.setdefault(ex.family, []).append(ex.check(answer))
