@@ -15,6 +15,23 @@ on (seed, epoch): its position is two integers, so a resumed run sees exactly th
 uninterrupted run would have seen. (A DataLoader's shuffle state lives inside its iterator and cannot
 be saved.) With the RNG state and the optimizer state restored too, the loss after resuming equals
 the uninterrupted run's exactly on the same device.
+
+Data parallel (DDP; Li et al. 2020, "PyTorch Distributed", arXiv:2006.15704). Launched by torchrun with a
+process group of N > 1 ranks (`llm_scratch.distributed.init_distributed()`), the Trainer
+- wraps the model in DistributedDataParallel, which all-reduces the gradients during backward
+  (overlapped with it, bucket by bucket) and divides them by N;
+- gives each rank its own `batch_size` windows of every global batch: the global batch is
+  batch_size x N windows, the same seeded permutation on every rank, rank r taking windows
+  r·batch_size .. (r+1)·batch_size - 1 of it. So N ranks with batch_size B see exactly the batches
+  of one process with batch_size N·B, and train the same model (up to float reduction order);
+- weights each micro-batch by its share of the targets of the whole step on all ranks (the target count
+  is all-reduced first) and multiplies by N to undo DDP's division: the summed gradient is then the
+  mean over every target of the global batch, as on one process, also with ignore_index;
+- skips the gradient all-reduce on all but the last micro-batch of an accumulation (`no_sync()`): the
+  gradients accumulate locally and the last backward all-reduces the sum once;
+- averages the evaluation loss over ranks (each rank evaluates its part of each validation batch);
+- draws progress bars and writes checkpoints on rank 0 only (`save` returns on every rank once written).
+Each rank's dropout RNG is seeded with seed + rank, so the ranks do not drop the same units.
 """
 
 from __future__ import annotations
@@ -29,7 +46,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from llm_scratch.checkpoint import load_tensors, save_tensors
@@ -110,13 +129,22 @@ class ResumableBatches:
     Each epoch is a fresh permutation from torch.Generator().manual_seed(seed + epoch); incomplete final
     batches are dropped. state_dict() is {"epoch", "index"}, enough to continue exactly where it stopped.
     `collate` turns a list of items into (inputs, targets); the default stacks (x, y) tensor pairs.
+
+    Distributed sampling: with world_size N, each step takes a global batch of batch_size x N items of the
+    permutation (the same on every rank) and returns rank `rank`'s batch_size of them, so the ranks see
+    disjoint parts whose union is the global batch of one process with batch_size x N.
     """
 
     def __init__(self, dataset, batch_size: int, seed: int = 0,
-                 collate: Callable[[list], Batch] = stack_pairs):
-        if len(dataset) < batch_size:
-            raise ValueError(f"the dataset has {len(dataset)} examples, fewer than batch_size={batch_size}")
+                 collate: Callable[[list], Batch] = stack_pairs, rank: int = 0, world_size: int = 1):
+        if not isinstance(world_size, int) or world_size < 1 or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"need world_size >= 1 and 0 <= rank < world_size, got rank={rank!r}, "
+                             f"world_size={world_size!r}")
+        if len(dataset) < batch_size * world_size:
+            raise ValueError(f"the dataset has {len(dataset)} examples, fewer than batch_size={batch_size}"
+                             + (f" x world_size={world_size}" if world_size > 1 else ""))
         self.dataset, self.batch_size, self.seed, self.collate = dataset, batch_size, seed, collate
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.index = 0, 0
         self._order = self._permutation()
 
@@ -127,10 +155,12 @@ class ResumableBatches:
         return self
 
     def __next__(self) -> Batch:
-        if (self.index + 1) * self.batch_size > len(self.dataset):
+        global_size = self.batch_size * self.world_size
+        if (self.index + 1) * global_size > len(self.dataset):
             self.epoch, self.index = self.epoch + 1, 0
             self._order = self._permutation()
-        chosen = self._order[self.index * self.batch_size:(self.index + 1) * self.batch_size]
+        start = self.index * global_size + self.rank * self.batch_size  # this rank's part of the global batch
+        chosen = self._order[start:start + self.batch_size]
         self.index += 1
         return self.collate([self.dataset[int(i)] for i in chosen])
 
@@ -155,7 +185,10 @@ class History:
 class Trainer:
     """Trains `model` (ids (B, T) -> logits (B, T, V)) on a dataset of (x, y) windows such as TokenWindows,
     or on any dataset with a `collate` that makes (inputs, targets) batches: inputs a tensor (the model's
-    first argument) or a dict of keyword arguments (e.g. input_ids, padding_mask, attn_mask, positions)."""
+    first argument) or a dict of keyword arguments (e.g. input_ids, padding_mask, attn_mask, positions).
+
+    Under torchrun with more than one process it trains data-parallel (see the module docstring):
+    cfg.batch_size is then per rank, and `self.model` stays the unwrapped model (`self.ddp` the wrapper)."""
 
     def __init__(self, model: nn.Module, train_data, val_data, cfg: TrainConfig,
                  device: torch.device | str | None = None,
@@ -168,15 +201,35 @@ class Trainer:
         self.collate = collate
         self.on_step_end = on_step_end
         self.device = torch.device(device) if device is not None else get_device()
+        # a process group exists when the script called llm_scratch.distributed.init_distributed() under torchrun
+        grouped = dist.is_available() and dist.is_initialized()
+        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if grouped else (0, 1)
         self.model = model.to(self.device)
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.ddp = None
+        if self.world_size > 1:
+            # DDP broadcasts rank 0's parameters and buffers at construction, so every rank starts equal
+            device_ids = None
+            if self.device.type == "cuda":
+                device_ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
+            self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
+        wrapped = self.ddp if self.ddp is not None else self.model
+        self.forward = torch.compile(wrapped) if cfg.compile else wrapped
         self.loss_fn = loss_fn
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
-        self.train_batches = ResumableBatches(train_data, cfg.batch_size, seed=cfg.seed, collate=collate)
+        self.train_batches = ResumableBatches(train_data, cfg.batch_size, seed=cfg.seed, collate=collate,
+                                              rank=self.rank, world_size=self.world_size)
         self.val_data = val_data
         self.step, self.tokens_seen = 0, 0
         self.history = History()
-        torch.manual_seed(cfg.seed)  # dropout and anything else random in the forward pass
+        torch.manual_seed(cfg.seed + self.rank)  # dropout and anything else random in the forward pass
+
+    def _all_reduce_sum(self, value: float) -> float:
+        """The sum of `value` over ranks (the value itself on one process), in float64."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor(value, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.item()
 
     def _autocast(self):
         if self.cfg.precision == "bf16":
@@ -188,21 +241,33 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over the first eval_batches batches of the validation set, in order (the same every time)."""
+        """Mean loss over the first eval_batches batches of the validation set, in order (the same every time).
+
+        Under DDP a batch is batch_size x world_size windows, rank r evaluating its batch_size of them; a
+        batch's loss is the ranks' losses weighted by their target counts (all-reduced), as one process's."""
         was_training = self.model.training
         self.model.eval()
-        losses = []
-        n = min(self.cfg.eval_batches, len(self.val_data) // self.cfg.batch_size)
+        size, global_size = self.cfg.batch_size, self.cfg.batch_size * self.world_size
+        n = min(self.cfg.eval_batches, len(self.val_data) // global_size)
         if n == 0:
-            raise ValueError(f"the validation set has fewer than batch_size={self.cfg.batch_size} windows")
-        size = self.cfg.batch_size
+            raise ValueError(f"the validation set has fewer than batch_size={self.cfg.batch_size}"
+                             + (f" x world_size={self.world_size}" if self.world_size > 1 else "") + " windows")
+        sums = torch.zeros(n, 2, dtype=torch.float64)  # per batch: loss x targets, targets
         for b in range(n):
-            x, y = self.collate([self.val_data[i] for i in range(b * size, (b + 1) * size)])
+            start = b * global_size + self.rank * size
+            x, y = self.collate([self.val_data[i] for i in range(start, start + size)])
             x, y = _to_device(x, self.device), y.to(self.device)
             with self._autocast():
-                losses.append(self.loss_fn(self._model_output(x), y).item())
+                loss = self.loss_fn(self._model_output(x), y).item()
+            count = count_targets(y)
+            sums[b] = torch.tensor([loss * count, count], dtype=torch.float64)
+        if self.world_size > 1:
+            sums = sums.to(self.device)
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+            sums = sums.cpu()
         self.model.train(was_training)
-        return sum(losses) / len(losses)
+        # float64: loss x count / count gives back a float32 loss exactly, so one process matches the old mean
+        return (sums[:, 0] / sums[:, 1]).mean().item()
 
     def train_step(self) -> float:
         """One optimizer step (grad_accum_steps micro-batches); returns the step's mean loss per target."""
@@ -213,17 +278,23 @@ class Trainer:
         self.model.train()
         micro = [next(self.train_batches) for _ in range(cfg.grad_accum_steps)]
         counts = [count_targets(y) for _, y in micro]
-        total_targets = max(sum(counts), 1)
+        step_targets = int(self._all_reduce_sum(sum(counts)))  # every rank's targets of this step
+        total_targets = max(step_targets, 1)
         total = 0.0
-        for (x, y), n in zip(micro, counts, strict=True):
+        for i, ((x, y), n) in enumerate(zip(micro, counts, strict=True)):
             x, y = _to_device(x, self.device), y.to(self.device)
-            with self._autocast():
-                loss = self.loss_fn(self._model_output(x), y)  # mean over this micro-batch's n targets
-            # weight by n / all targets, so the summed gradient is the mean over every target of the step,
-            # exactly the big batch's, even when ignore_index leaves micro-batches with different counts
-            (loss * (n / total_targets)).backward()
+            # DDP all-reduces gradients in backward; on all but the last micro-batch let them accumulate locally
+            last = i == len(micro) - 1
+            with self.ddp.no_sync() if self.ddp is not None and not last else nullcontext():
+                with self._autocast():
+                    loss = self.loss_fn(self._model_output(x), y)  # mean over this micro-batch's n targets
+                # weight by n / all targets, so the summed gradient is the mean over every target of the step,
+                # exactly the big batch's, even when ignore_index leaves micro-batches with different counts;
+                # x world_size because DDP divides the all-reduced sum by world_size
+                (loss * (n * self.world_size / total_targets)).backward()
             total += loss.item() * n / total_targets
-            self.tokens_seen += n
+        total = self._all_reduce_sum(total)
+        self.tokens_seen += step_targets
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
@@ -237,7 +308,7 @@ class Trainer:
         """Run until max_steps (or `steps` more); evaluate every eval_every steps and at the end."""
         cfg = self.cfg
         end = cfg.max_steps if steps is None else min(cfg.max_steps, self.step + steps)
-        bar = tqdm(range(self.step, end), desc="training", disable=not cfg.progress)
+        bar = tqdm(range(self.step, end), desc="training", disable=not cfg.progress or self.rank != 0)
         for _ in bar:
             start, tokens = time.perf_counter(), self.tokens_seen
             loss = self.train_step()
@@ -257,13 +328,26 @@ class Trainer:
     # --- checkpoints -------------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> None:
-        """Model, optimizer, step, tokens seen, data position, RNG state and history, atomically."""
+        """Model, optimizer, step, tokens seen, data position, RNG state and history, atomically.
+
+        Under DDP call it on every rank: rank 0 writes (the ranks' weights and optimizer states are equal)
+        with every rank's RNG state, the others wait until the files are there."""
+        if self.world_size == 1:
+            self._write(path, {f"rng.{k}": v for k, v in get_rng_states(self.device).items()})
+            return
+        states: list[dict | None] = [None] * self.world_size
+        dist.all_gather_object(states, get_rng_states(self.device))
+        if self.rank == 0:
+            self._write(path, {f"rng.rank{r}.{k}": v for r, state in enumerate(states) for k, v in state.items()})
+        dist.barrier()
+
+    def _write(self, path: str | os.PathLike, rng: dict[str, torch.Tensor]) -> None:
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         opt = self.optimizer.state_dict()
         for index, state in opt["state"].items():
             for name, value in state.items():
                 tensors[f"optimizer.{index}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
-        tensors.update({f"rng.{k}": v for k, v in get_rng_states(self.device).items()})
+        tensors.update(rng)
         groups = [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]]
         record = {"kind": "training_state", "train_config": dataclasses.asdict(self.cfg), "step": self.step,
                   "tokens_seen": self.tokens_seen, "data": self.train_batches.state_dict(),
@@ -297,5 +381,9 @@ class Trainer:
         trainer.step, trainer.tokens_seen = record["step"], record["tokens_seen"]
         trainer.train_batches.load_state_dict(record["data"])
         trainer.history = History(**record["history"])
-        set_rng_states({k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}, trainer.device)
+        prefix = "rng."
+        if any(k.startswith("rng.rank") for k in tensors):  # saved by a DDP run: one state per rank
+            saved_ranks = len({k.split(".")[1] for k in tensors if k.startswith("rng.rank")})
+            prefix = f"rng.rank{trainer.rank % saved_ranks}."
+        set_rng_states({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, trainer.device)
         return trainer

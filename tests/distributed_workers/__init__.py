@@ -1,0 +1,1 @@
+"""Scripts that tests/test_distributed.py launches with torchrun on 2 CPU processes (gloo)."""
