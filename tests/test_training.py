@@ -115,7 +115,7 @@ def test_schedule_and_weight_decay_groups():
     assert {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"} <= {names[id(p)] for p in no_decay["params"]}
     assert no_decay["weight_decay"] == 0.0
     with pytest.raises(ValueError, match="precision"):
-        TrainConfig(max_steps=1, precision="fp16")
+        TrainConfig(max_steps=1, precision="fp8")
 
 
 def test_loss_ignores_masked_targets():

@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 
 from llm_scratch.checkpoint import load_tensors, save_tensors
 from llm_scratch.device import get_device, get_rng_states, set_rng_states
+from llm_scratch.training.efficiency import checkpoint_blocks
 from llm_scratch.training.losses import count_targets, cross_entropy_loss
 
 __all__ = ["ResumableBatches", "TrainConfig", "Trainer", "lr_at", "param_groups", "stack_pairs"]
@@ -85,8 +86,12 @@ class TrainConfig:
     grad_accum_steps: int = 1
     eval_every: int = 100  # steps; 0 = only at the end
     eval_batches: int = 10
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast; weights and optimizer stay fp32
+    # autocast: matmuls in bf16 or fp16, weights and optimizer state stay fp32; fp16's narrow exponent needs the
+    # loss scaled up before backward (a GradScaler) so small gradients do not flush to zero
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False  # torch.compile the model (worth it on CUDA)
+    activation_checkpointing: bool = False  # recompute each block in backward (training.efficiency)
+    fused_adamw: bool = False  # AdamW's fused kernel (one kernel for all parameters; CUDA, CPU and MPS builds)
     seed: int = 0
     progress: bool = True
 
@@ -97,8 +102,8 @@ class TrainConfig:
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
             raise ValueError(f"need lr > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0; got {self.lr}, "
                              f"{self.min_lr_ratio}, {self.warmup_steps}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {self.precision!r}")
         self.betas = tuple(self.betas)
 
 
@@ -205,6 +210,8 @@ class Trainer:
         grouped = dist.is_available() and dist.is_initialized()
         self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if grouped else (0, 1)
         self.model = model.to(self.device)
+        if cfg.activation_checkpointing:
+            checkpoint_blocks(self.model)
         self.ddp = None
         if self.world_size > 1:
             # DDP broadcasts rank 0's parameters and buffers at construction, so every rank starts equal
@@ -215,7 +222,10 @@ class Trainer:
         wrapped = self.ddp if self.ddp is not None else self.model
         self.forward = torch.compile(wrapped) if cfg.compile else wrapped
         self.loss_fn = loss_fn
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
+                                           fused=True if cfg.fused_adamw else None)
+        # fp16 only: scales the loss, unscales the gradients, skips a step whose gradients overflowed
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.train_batches = ResumableBatches(train_data, cfg.batch_size, seed=cfg.seed, collate=collate,
                                               rank=self.rank, world_size=self.world_size)
         self.val_data = val_data
@@ -232,8 +242,9 @@ class Trainer:
         return t.item()
 
     def _autocast(self):
-        if self.cfg.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        if self.cfg.precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
+            return torch.autocast(device_type=self.device.type, dtype=dtype)
         return nullcontext()
 
     def _model_output(self, inputs):
@@ -291,13 +302,15 @@ class Trainer:
                 # weight by n / all targets, so the summed gradient is the mean over every target of the step,
                 # exactly the big batch's, even when ignore_index leaves micro-batches with different counts;
                 # x world_size because DDP divides the all-reduced sum by world_size
-                (loss * (n * self.world_size / total_targets)).backward()
+                self.scaler.scale(loss * (n * self.world_size / total_targets)).backward()
             total += loss.item() * n / total_targets
         total = self._all_reduce_sum(total)
         self.tokens_seen += step_targets
         if cfg.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones (fp16 only)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # = optimizer.step() unless fp16 (then skipped on inf/nan gradients)
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         if self.on_step_end is not None:
@@ -351,6 +364,7 @@ class Trainer:
         groups = [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]]
         record = {"kind": "training_state", "train_config": dataclasses.asdict(self.cfg), "step": self.step,
                   "tokens_seen": self.tokens_seen, "data": self.train_batches.state_dict(),
+                  "grad_scaler": self.scaler.state_dict(),
                   "optimizer_param_groups": groups, "history": dataclasses.asdict(self.history)}
         save_tensors(path, tensors, record)
 
@@ -381,6 +395,8 @@ class Trainer:
         trainer.step, trainer.tokens_seen = record["step"], record["tokens_seen"]
         trainer.train_batches.load_state_dict(record["data"])
         trainer.history = History(**record["history"])
+        if record.get("grad_scaler"):  # fp16 runs: the current loss scale and its growth counter
+            trainer.scaler.load_state_dict(record["grad_scaler"])
         prefix = "rng."
         if any(k.startswith("rng.rank") for k in tensors):  # saved by a DDP run: one state per rank
             saved_ranks = len({k.split(".")[1] for k in tensors if k.startswith("rng.rank")})
