@@ -273,6 +273,10 @@ def test_apply_tensor_parallel_equals_the_unsharded_model(two_ranks, name):
         assert m["sharded"] == [f"blocks.0.{p}.weight" for p in ("attn.k_proj", "attn.o_proj", "attn.q_proj",
                                                                  "attn.v_proj", "mlp.down_proj", "mlp.gate_proj",
                                                                  "mlp.up_proj")]
+        # Megatron's count per block: 2 all-reduces forward (after o_proj, after down_proj) and 2 backward (one
+        # per sub-layer's input gradient), plus the QK-norm gains' 2 gradient hooks of Qwen3 and Gemma 3
+        n_layers = SMALL["n_layers"]
+        assert m["all_reduces"] == [2 * n_layers, (2 if name == "llama3" else 4) * n_layers], m
 
 
 def test_apply_tensor_parallel_rejects_a_degree_that_splits_a_head(two_ranks):

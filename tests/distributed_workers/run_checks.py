@@ -26,6 +26,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from llm_scratch.distributed import (
     ColumnParallelLinear,
@@ -250,6 +251,20 @@ def check_tp_linear(out: pathlib.Path) -> dict:
     return r
 
 
+class CountAllReduces(TorchDispatchMode):
+    """Counts all-reduces as they reach the dispatcher: c10d's (dist.all_reduce, the QK-norm hooks) and the
+    functional ones DTensor issues."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "allreduce" in func.__name__.replace("_", ""):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
 def check_tp_models(out: pathlib.Path) -> dict:
     rank = dist.get_rank()
     mesh = default_mesh()
@@ -260,8 +275,11 @@ def check_tp_models(out: pathlib.Path) -> dict:
         ref = tiny_model(name, seed=0)
         # rank 1 builds other weights on purpose: the split must take rank 0's (scatter and broadcast from it)
         model = apply_tensor_parallel(tiny_model(name, seed=rank), mesh)
-        logits, ref_logits = model(ids), ref(ids)
-        cross_entropy_loss(logits, targets).backward()
+        with CountAllReduces() as forward:
+            logits = model(ids)
+        ref_logits = ref(ids)
+        with CountAllReduces() as backward:
+            cross_entropy_loss(logits, targets).backward()
         cross_entropy_loss(ref_logits, targets).backward()
         ref_params = dict(ref.named_parameters())
         attn = model.blocks[0].attn
@@ -271,6 +289,7 @@ def check_tp_models(out: pathlib.Path) -> dict:
             "grad_max_abs": max(p.grad.abs().max().item() for p in ref.parameters()),
             "local_heads": [attn.n_heads, attn.n_kv_heads], "local_q_proj": list(attn.q_proj.weight.to_local().shape),
             "sharded": sorted(n for n, p in model.named_parameters() if isinstance(p, DTensor))[:7],
+            "all_reduces": [forward.count, backward.count],
         }
     try:  # 1 kv head cannot be split over 2 ranks
         apply_tensor_parallel(Llama3(Llama3Config(**dict(SMALL, n_kv_heads=1))), mesh)
