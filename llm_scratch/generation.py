@@ -10,16 +10,25 @@ re-runs the whole sequence (the reference the cache must agree with).
 
 Batches of prompts of different lengths are left-padded: pad tokens go before each prompt and
 `padding_mask` marks the real ones, so every row's next token is predicted at the same (last) column.
+
+`generate_static` / `StaticDecoder` decode the same way on fixed-shape caches (`StaticKVCache`) with a decode
+step compiled once by torch.compile: the recipe of gpt-fast (PyTorch blog, "Accelerating Generative AI with
+PyTorch II: GPT, Fast", 2023). Speculative decoding follows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from llm_scratch.attention import GroupedQueryAttention, StaticKVCache
+from llm_scratch.position.rope import RotaryEmbedding
+
 __all__ = ["generate", "logits_to_probs", "sample_next_token", "SpeculativeStats", "speculative_accept",
-           "speculative_generate", "mtp_speculative_generate"]
+           "speculative_generate", "mtp_speculative_generate", "init_static_caches", "StaticDecoder",
+           "generate_static"]
 
 
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -67,16 +76,7 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
-def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
-             eos_token_id: int | None = None, padding_mask: torch.Tensor | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """Append up to max_new_tokens tokens to each prompt: (B, T) -> (B, T + new).
-
-    padding_mask (B, T): True on real prompt tokens; pad on the left. Once a row has produced
-    eos_token_id, it keeps emitting eos_token_id, and generation stops when every row has.
-    """
+def _check_generate_args(input_ids: torch.Tensor, max_new_tokens: int, padding_mask: torch.Tensor | None) -> None:
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must have shape (B, T) with T >= 1, got {tuple(input_ids.shape)}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -87,6 +87,19 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
                              f"got {padding_mask.dtype} {tuple(padding_mask.shape)}")
         if not padding_mask[:, -1].all():
             raise ValueError("padding_mask must be left padding: every row's last prompt token must be real")
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
+             eos_token_id: int | None = None, padding_mask: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Append up to max_new_tokens tokens to each prompt: (B, T) -> (B, T + new).
+
+    padding_mask (B, T): True on real prompt tokens; pad on the left. Once a row has produced
+    eos_token_id, it keeps emitting eos_token_id, and generation stops when every row has.
+    """
+    _check_generate_args(input_ids, max_new_tokens, padding_mask)
     was_training = model.training
     model.eval()
     B, T = input_ids.shape
@@ -113,6 +126,168 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     finally:
         model.train(was_training)
     return ids
+
+
+# --- a static KV cache and a compiled decode step (gpt-fast) ------------------------------------------------------
+#
+# PyTorch blog, "Accelerating Generative AI with PyTorch II: GPT, Fast" (2023): at batch 1 a decode step of a
+# small model is bound by per-operation overhead (Python, dispatcher, kernel launches), not by arithmetic.
+# torch.compile removes the Python and fuses kernels, and on CUDA, CUDA graphs (mode="reduce-overhead") replay
+# the whole step with one launch. Both need a step whose shapes and Python-side state never change, or the
+# compiler re-traces it: hence a cache of fixed shapes whose write position is a tensor (StaticKVCache), and
+# positions passed in as a tensor rather than derived from a Python length.
+
+def init_static_caches(model, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
+                       device: torch.device | str | None = None) -> list[StaticKVCache]:
+    """One empty StaticKVCache per layer of `model` (a decoder whose `blocks[i].attn` is a GroupedQueryAttention
+    without a sliding window: GPT-2, Llama 3, Qwen 3). dtype and device default to the attention weights'."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise ValueError(f"model must have `blocks`, each with an `attn` layer; {type(model).__name__} has no blocks")
+    context = getattr(getattr(model, "cfg", None), "context_length", None)
+    if context is not None and max_len > context:
+        raise ValueError(f"max_len {max_len} exceeds the context length {context}")
+    caches = []
+    for i, block in enumerate(blocks):
+        attn = getattr(block, "attn", None)
+        if not isinstance(attn, GroupedQueryAttention) or attn.window is not None:
+            raise ValueError(f"a static cache needs full (not sliding-window) MHA/GQA layers; layer {i} has "
+                             f"{attn!r}")
+        w = attn.k_proj.weight
+        caches.append(StaticKVCache(batch_size, max_len, attn.n_kv_heads, attn.head_dim,
+                                    dtype=dtype or w.dtype, device=device or w.device))
+    return caches
+
+
+class StaticDecoder:
+    """A model, its static KV caches for `batch_size` rows of up to `max_len` tokens, and a decode step
+    compiled once: the gpt-fast recipe (PyTorch blog, "Accelerating Generative AI with PyTorch II: GPT,
+    Fast", 2023).
+
+        decoder = StaticDecoder(model, batch_size=8, max_len=256)
+        out = decoder.generate(input_ids, max_new_tokens=64)   # the first call compiles the step
+        out = decoder.generate(other_ids, max_new_tokens=64)   # later calls reuse it
+
+    The prompt is processed eagerly (`prefill`: one call per prompt, its length varies). Then every new
+    token goes through `step(token (B, 1), positions (B, 1))`, which is `torch.compile(fullgraph=True,
+    dynamic=False)`: every input has the same shape at every step and the step reads no Python number that
+    changes (the cache's write position is a tensor it advances itself), so it is traced and compiled on
+    the first call and never again (`fullgraph=True` makes any graph break an error instead of a silent
+    slow path). The caches live as long as the decoder and `reset` only clears them in place, so later
+    `generate` calls reuse the compiled step.
+
+    compile: False runs the same step eagerly (the reference the compiled one must agree with).
+    backend: torch.compile's backend, "inductor" (generated kernels) or e.g. "aot_eager" (no code
+        generation: fast to compile, for tests) or any backend callable.
+    mode: torch.compile's mode; None picks "reduce-overhead" on CUDA with inductor (CUDA graphs: the step
+        is recorded once and replayed with one launch; the cache buffers are then marked as static
+        addresses, which CUDA graphs need since a replay reads and writes the addresses it recorded) and
+        the default mode elsewhere (CUDA graphs exist on CUDA only).
+    """
+
+    def __init__(self, model, batch_size: int, max_len: int, compile: bool = True,
+                 backend: str | Callable = "inductor", mode: str | None = None):
+        self.model, self.batch_size, self.max_len = model, batch_size, max_len
+        self.caches = init_static_caches(model, batch_size, max_len)
+        device = self.caches[0].k.device
+        for module in model.modules():
+            if isinstance(module, RotaryEmbedding):
+                if module._dynamic_length is not None:
+                    raise ValueError("dynamic NTK RoPE scaling needs the largest position at every step (a sync); "
+                                     "the static decoder does not support it")
+                module.prepare_for_compile(device)  # its frequencies on the device, not a CPU tensor in the graph
+        if mode is None and backend == "inductor" and device.type == "cuda":
+            mode = "reduce-overhead"
+        self.mode = mode
+        # the two modes that record CUDA graphs (on CUDA only)
+        self.cuda_graphs = compile and device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
+        if self.cuda_graphs:
+            for cache in self.caches:
+                cache.mark_static()
+        if compile:
+            options = {} if mode is None else {"mode": mode}
+            self.step = torch.compile(self._step, fullgraph=True, dynamic=False, backend=backend, **options)
+        else:
+            self.step = self._step
+
+    def _step(self, token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """token (B, 1), positions (B, 1) -> next-token logits (B, V); appends the token to the caches."""
+        return self.model(token, caches=self.caches, positions=positions, last_only=True)[:, -1]
+
+    def reset(self) -> None:
+        """Empty the caches in place (same buffers, so the compiled step and its CUDA graphs stay valid)."""
+        for cache in self.caches:
+            cache.reset()
+
+    def prefill(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Empty the caches and run the prompt (B, T) through the model eagerly -> the next token's logits (B, V)."""
+        self.reset()
+        return self.model(input_ids, padding_mask=padding_mask, caches=self.caches, last_only=True)[:, -1]
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+                 padding_mask: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """`generate`'s contract, (B, T) -> (B, T + new), on the static caches and the compiled step.
+
+        B must be the decoder's batch_size and T + max_new_tokens at most its max_len (fixed shapes: a
+        different batch would need another compilation, so it is an error instead). Sampling (temperature,
+        top_k, top_p) runs eagerly on the step's logits, as in `generate`: greedy output is token for token
+        the same.
+        """
+        _check_generate_args(input_ids, max_new_tokens, padding_mask)
+        _check_sampling(temperature, top_k, top_p)
+        B, T = input_ids.shape
+        if B != self.batch_size:
+            raise ValueError(f"input_ids has batch size {B}, but the decoder was built for batch_size="
+                             f"{self.batch_size} (its shapes are fixed)")
+        if T + max_new_tokens > self.max_len:
+            # the compiled step does not check bounds (a device sync): this check is the one that counts
+            raise ValueError(f"the prompt ({T} tokens) plus max_new_tokens ({max_new_tokens}) exceed the decoder's "
+                             f"max_len={self.max_len}")
+        if max_new_tokens == 0:
+            return input_ids
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            logits = self.prefill(input_ids, padding_mask)  # (B, V)
+            positions = self.caches[0].real_lengths()[:, None]  # (B, 1): positions count real tokens only
+            finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+            new_tokens = []
+            for i in range(max_new_tokens):
+                next_token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
+                if eos_token_id is not None:
+                    next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
+                    finished |= next_token == eos_token_id
+                new_tokens.append(next_token)
+                if i == max_new_tokens - 1 or (eos_token_id is not None and finished.all()):
+                    break
+                if self.cuda_graphs:  # a new replay begins: the last one's outputs are done with
+                    torch.compiler.cudagraph_mark_step_begin()
+                logits = self.step(next_token[:, None], positions)
+                positions = positions + 1
+        finally:
+            self.model.train(was_training)
+        return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+
+
+@torch.no_grad()
+def generate_static(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                    top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+                    padding_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                    compile: bool = True, backend: str | Callable = "inductor",
+                    mode: str | None = None) -> torch.Tensor:
+    """`generate` on a static KV cache with a compiled decode step (the gpt-fast recipe): (B, T) -> (B, T + new).
+
+    A one-shot `StaticDecoder(model, B, T + max_new_tokens, compile, backend, mode).generate(...)`; greedy
+    output equals `generate(model, ...)`'s. Each call builds new caches and so compiles its step again: to
+    decode many prompts, build one StaticDecoder and call its `generate`.
+    """
+    _check_generate_args(input_ids, max_new_tokens, padding_mask)
+    decoder = StaticDecoder(model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, compile=compile,
+                            backend=backend, mode=mode)
+    return decoder.generate(input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, padding_mask,
+                            generator)
 
 
 # --- speculative decoding -------------------------------------------------------------------------------------

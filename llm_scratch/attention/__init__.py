@@ -1,7 +1,7 @@
 """Attention: scaled dot-product attention and its masks, MHA, GQA/MQA, MLA, and KV caches."""
 
 from llm_scratch.attention.gqa import GroupedQueryAttention
-from llm_scratch.attention.kv_cache import KVCache, MLACache, SlidingWindowKVCache, next_positions
+from llm_scratch.attention.kv_cache import KVCache, MLACache, SlidingWindowKVCache, StaticKVCache, next_positions
 from llm_scratch.attention.linear import (
     GatedLinearAttention,
     LightningAttention,
@@ -58,5 +58,6 @@ __all__ = [
     "scaled_dot_product_attention",
     "sliding_window_mask",
     "SlidingWindowKVCache",
+    "StaticKVCache",
     "next_positions",
 ]

@@ -152,7 +152,9 @@ class GroupedQueryAttention(nn.Module):
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.project(x)  # (B, H, T, D), (B, K, T, D), (B, K, T, D)
-        q, k = self._rotate(q, k, positions, cache.length if cache is not None else 0)
+        # the default RoPE start is the cached length, read only when needed: a static cache's length is a device
+        # sync that a compiled decode step (which passes positions) must not make
+        q, k = self._rotate(q, k, positions, cache.length if cache is not None and positions is None else 0)
         if cache is not None:
             k, v, padding_mask = cache.update(k, v, padding_mask)
         if self.record_qk_norms:

@@ -11,6 +11,8 @@ allocation, fixed shapes), and grows a `length` counter as tokens are appended.
   Its memory is fixed by the window, not by the length of the text.
 - `MLACache`: multi-head latent attention's compressed latent c_KV and its shared RoPE key:
   (d_c + d_R) numbers per token, whatever the number of heads (DeepSeek-V2, section 2.1).
+- `StaticKVCache`: `KVCache`'s keys and values, but every shape is fixed and the write position is a
+  tensor: what a compiled decode step needs to be compiled once (the gpt-fast recipe).
 
 All remember the padding mask of the tokens they hold, so a caller passes `padding_mask` for its
 new tokens only, and count the real tokens of each row (`real_lengths`), from which a model gets
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["KVCache", "MLACache", "SlidingWindowKVCache", "next_positions"]
+__all__ = ["KVCache", "MLACache", "SlidingWindowKVCache", "StaticKVCache", "next_positions"]
 
 
 class _LayerCache:
@@ -133,6 +135,139 @@ class KVCache(_LayerCache):
         self.v[:, :, span] = v
         self.length = span.stop
         return self.k[:, :, : self.length], self.v[:, :, : self.length], self._padding_so_far()
+
+
+class StaticKVCache:
+    """Keys (B, K, max_len, D) and values (B, K, max_len, Dv) of one MHA/GQA/MQA layer, with fixed shapes.
+
+    `KVCache` returns the first `length` stored tokens, so the attention it feeds changes shape at every
+    step, and `length` is a Python int. `torch.compile` specializes a graph on both (a guard on each
+    shape and int), so a compiled decode step built on it would be recompiled at every new token. This
+    cache follows gpt-fast (PyTorch blog, "Accelerating Generative AI with PyTorch II: GPT, Fast", 2023),
+    which keeps full-size caches and masks what is not there yet:
+
+    - `update` always returns the *whole* buffers and a key mask `valid` (B, max_len), True where a real
+      token has been written. The attention sees the same shapes at every step; which keys exist is data
+      (the mask), not shape. A query at slot p sees nothing beyond p because no slot beyond p is valid
+      yet (`reset` and `truncate` clear the mask, not the buffers); padding tokens are written with
+      valid = False, so no query ever attends to them.
+    - The write position `pos` is a 0-d long tensor, advanced in place (`add_`), and the new keys are
+      written with `index_copy_` at it: the step reads no Python number that changes, so its guards
+      hold from one token to the next and it is compiled once.
+    - The buffers are allocated once and only ever written in place, so their addresses never change:
+      what CUDA graphs (`torch.compile(mode="reduce-overhead")`) need, since a recorded graph replays
+      reads and writes at fixed addresses. `mark_static()` tells the compiler so.
+
+    Every row writes at the same slot; rows of different prompt lengths are left-padded, and positions
+    (which count real tokens only) come from the caller. With T > 1 new tokens (a prompt), `update`
+    returns the stored tokens followed by the new ones, (B, K, max_len + T, D): the attention's
+    lower-right aligned causal mask then lines the T queries up with their own keys, so no query sees a
+    later prompt token, again with shapes that depend on T only.
+
+    `length` (a Python int read from `pos`, a device sync) is for eager code; the compiled path never
+    reads it, nor checks bounds, which would need the same sync: a caller of the compiled step checks
+    that the tokens fit before decoding (`generate_static` does).
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        max_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        v_head_dim: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | None = None,
+    ):
+        for name, value in (("batch_size", batch_size), ("max_len", max_len), ("n_kv_heads", n_kv_heads),
+                            ("head_dim", head_dim)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        v_head_dim = head_dim if v_head_dim is None else v_head_dim
+        self.batch_size, self.max_len = batch_size, max_len
+        self.k = torch.zeros(batch_size, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(batch_size, n_kv_heads, max_len, v_head_dim, dtype=dtype, device=device)
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # True = real, written
+        self.pos = torch.zeros((), dtype=torch.long, device=device)  # the next slot to write
+
+    @property
+    def length(self) -> int:
+        """Tokens written so far (padding included), as a Python int: a device sync, for eager code only."""
+        return int(self.pos)
+
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, padding_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write k (B, K, T, D) and v (B, K, T, Dv) at `pos`; return keys, values and their key mask.
+
+        T == 1 (a decode step): the full buffers (B, K, max_len, D) and `valid` (B, max_len).
+        T > 1 (a prompt, or several tokens at once): the buffers as they were, then the new tokens,
+        (B, K, max_len + T, D) and (B, max_len + T); see the class docstring for why.
+        padding_mask: (B, T) bool, True = real token; None means all real.
+        """
+        _check_kv(k, v, self.k, self.v)
+        B, _, T, _ = k.shape
+        if B != self.batch_size:
+            raise ValueError(f"the cache holds batch_size={self.batch_size}, the update has {B}")
+        if padding_mask is None:
+            padding_mask = torch.ones(B, T, dtype=torch.bool, device=self.valid.device)
+        elif padding_mask.shape != (B, T) or padding_mask.dtype != torch.bool:
+            raise ValueError(f"padding_mask must be bool of shape (B, T_new) = ({B}, {T}), "
+                             f"got {padding_mask.dtype} {tuple(padding_mask.shape)}")
+        if not torch.compiler.is_compiling():  # eager: check the bounds (a sync the compiled step avoids)
+            stored = self.length
+            if stored + T > self.max_len:
+                raise ValueError(f"the cache holds max_len={self.max_len} tokens; {stored} are stored and {T} more "
+                                 "would exceed it")
+        slots = self.pos + torch.arange(T, device=self.pos.device)  # (T,) where the new tokens go
+        if T == 1:  # write, then attend over the whole buffer: no copy of the cache
+            self._write(slots, k, v, padding_mask)
+            return self.k, self.v, self.valid
+        keys, values = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)  # (B, K, max_len + T, D)
+        mask = torch.cat([self.valid, padding_mask], dim=1)  # (B, max_len + T); the T slots are not valid yet
+        self._write(slots, k, v, padding_mask)
+        return keys, values, mask
+
+    def _write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding_mask: torch.Tensor) -> None:
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+        self.valid.index_copy_(1, slots, padding_mask)
+        self.pos.add_(slots.shape[0])
+
+    def real_lengths(self) -> torch.Tensor:
+        """(B,) how many real (non-padding) tokens each row has written."""
+        return self.valid.sum(-1)
+
+    def reset(self) -> None:
+        """Forget every stored token, in place: the buffers keep their addresses (CUDA graphs rely on it)."""
+        self.valid.fill_(False)
+        self.pos.zero_()
+
+    def truncate(self, length: int) -> None:
+        """Keep only the first `length` stored tokens, e.g. to roll back rejected draft tokens."""
+        stored = self.length
+        if not isinstance(length, int) or not 0 <= length <= stored:
+            raise ValueError(f"length must be an int in [0, {stored}] (the tokens stored), got {length!r}")
+        self.valid[:, length:] = False
+        self.pos.fill_(length)
+
+    def mark_static(self) -> None:
+        """Tell torch.compile that the buffers keep their addresses (they are only written in place), so
+        that CUDA graphs may read and write them directly instead of copying them in and out at each replay."""
+        for t in (self.k, self.v, self.valid, self.pos):
+            torch._dynamo.mark_static_address(t)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated for the cached keys and values (the mask and position are not counted)."""
+        return sum(t.nelement() * t.element_size() for t in (self.k, self.v))
+
+    def bytes_per_token(self) -> float:
+        """Cache bytes one token of one sequence takes in this layer, measured from the buffers."""
+        return self.nbytes / (self.batch_size * self.max_len)
+
+    def __repr__(self) -> str:
+        return f"StaticKVCache(max_len={self.max_len}, k={tuple(self.k.shape)}, v={tuple(self.v.shape)})"
 
 
 class SlidingWindowKVCache:

@@ -72,7 +72,10 @@ def check_input_ids(input_ids: torch.Tensor, caches, context_length: int) -> Non
     """input_ids must be (B, T), and the cached tokens plus these must fit in the context (every decoder's check)."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
-    total = (caches[0].length if caches else 0) + input_ids.shape[1]
+    # Under torch.compile the cached length is not read: a StaticKVCache keeps it in a tensor, and reading it
+    # would be a device sync and a graph break; the caller of a compiled step checks the bounds beforehand.
+    cached = caches[0].length if caches and not torch.compiler.is_compiling() else 0
+    total = cached + input_ids.shape[1]
     if total > context_length:
         raise ValueError(f"sequence of {total} tokens exceeds the context length {context_length}")
 

@@ -60,7 +60,9 @@ def _check_positions(positions: torch.Tensor, limit: int | None, what: str) -> N
     if not isinstance(positions, torch.Tensor) or positions.is_floating_point() or positions.is_complex() \
             or positions.dtype == torch.bool:
         raise ValueError(f"positions must be an integer tensor, got {getattr(positions, 'dtype', type(positions))}")
-    if positions.numel() == 0:
+    if positions.numel() == 0 or torch.compiler.is_compiling():
+        # a compiled decode step must not read the positions' values (a device sync and a graph break);
+        # its caller checks the bounds before decoding (generation.StaticDecoder)
         return
     lo, hi = int(positions.min()), int(positions.max())
     if lo < 0:

@@ -314,6 +314,7 @@ class RotaryEmbedding(nn.Module):
         # bf16 frequencies would put errors of ~m·2^-8 radians into the angles of large positions m
         self._inv_freq32 = inv_freq.clone()
         self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._inv_freq32_on: dict[torch.device, torch.Tensor] = {}  # _inv_freq32 per device, for compiled code
 
     @property
     def _dynamic_length(self) -> int | None:
@@ -350,6 +351,8 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         positions = positions.to(x.device)
+        if torch.compiler.is_compiling() and self._dynamic_length is None:
+            return self._rotate_compiled(x, positions)
         low, high = (int(v) for v in torch.aminmax(positions)) if positions.numel() else (0, -1)
         if positions.is_floating_point() or low < 0:
             # fractional or negative positions (e.g. unclamped left padding) are legal for RoPE but
@@ -365,6 +368,21 @@ class RotaryEmbedding(nn.Module):
         else:
             cos, sin = self.cos_sin(seq_len, x.device, torch.float32)
             cos, sin = cos[positions], sin[positions]  # (T, D/2) or (B, T, D/2)
+        return apply_rope(x, cos, sin, interleaved=self.interleaved)
+
+    def prepare_for_compile(self, device: torch.device | str) -> None:
+        """Keep a copy of the float32 frequencies on `device` for compiled code to read (call it eagerly)."""
+        device = torch.device(device)
+        self._inv_freq32_on[device] = self._inv_freq32.to(device)
+
+    def _rotate_compiled(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """forward inside torch.compile, e.g. generation.StaticDecoder's decode step, compiled once. The table
+        lookup of `forward` reads the positions' values to size the table: a device sync and a graph break (an
+        error under fullgraph=True). Here the angles of these positions are computed directly, the numbers the
+        table holds, from float32 frequencies kept on x's device (a CPU tensor inside a CUDA graph would make
+        torch.compile skip CUDA graphs)."""
+        inv_freq = self._inv_freq32_on.get(x.device, self._inv_freq32)  # see prepare_for_compile
+        cos, sin = self._compute(positions, inv_freq, torch.float32)
         return apply_rope(x, cos, sin, interleaved=self.interleaved)
 
     def extra_repr(self) -> str:

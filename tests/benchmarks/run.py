@@ -187,6 +187,72 @@ def bench_gpt2(device: torch.device, quick: bool) -> None:
         print(f"{name:>16} {new / t * 1e3:>10,.0f}")
 
 
+def bench_decode(device: torch.device, quick: bool) -> None:
+    """Greedy decoding tokens/s of the same GPT-2 weights: our `generate` (dynamic KV cache), a static KV cache run
+    eagerly and compiled (the gpt-fast recipe: `StaticDecoder`, inductor; CUDA graphs on CUDA), and transformers'
+    GPT2LMHeadModel.generate, at batch 1 and 8 (issue 16). The weights are random, made by transformers and loaded
+    into ours through `load_hf_checkpoint`, so both run exactly the same numbers."""
+    import tempfile
+
+    from transformers import GPT2Config as HFConfig
+    from transformers import GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    from llm_scratch.generation import StaticDecoder, generate
+    from llm_scratch.models.hf import load_hf_checkpoint
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    # full: GPT-2 124M's shape (d=768, 12 layers, 12 heads, V=50257); quick: a small one
+    d, layers, heads, vocab = (128, 2, 4, 4099) if quick else (768, 12, 12, 50257)
+    prompt_len, new = (16, 16) if quick else (64, 64)
+    hf_cfg = HFConfig(n_embd=d, n_layer=layers, n_head=heads, vocab_size=vocab, n_positions=1024, resid_pdrop=0.0,
+                      embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(0)
+    theirs = GPT2LMHeadModel(hf_cfg).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        theirs.save_pretrained(folder)
+        ours = load_hf_checkpoint(folder, device=device)
+    theirs = theirs.to(device)
+    print(f"\ngreedy decoding, same GPT-2 weights (d={d} L={layers} H={heads} V={vocab}, fp32), prompt {prompt_len}, "
+          f"{new} new tokens, on {device} ({_device_name(device)}), torch {torch.__version__}\n"
+          "tokens/s = batch x new tokens / time of the whole call (prefill included), median of rounds timing "
+          "each in turn; compile time (first call minus a steady call) is not in it, and is shorter when inductor's\n"
+          "on-disk cache (TORCHINDUCTOR_CACHE_DIR) already holds the kernels from an earlier run")
+    print(f"{'batch':>5} {'ours, dynamic cache':>20} {'static, eager':>14} {'static, compiled':>17} "
+          f"{'transformers':>13} {'compiled / dyn':>15} {'compile (s)':>12} {'same tokens':>12}")
+    for B in (1, 8):
+        prompt = torch.randint(0, vocab, (B, prompt_len), device=device)
+        eager = StaticDecoder(ours, B, prompt_len + new, compile=False)
+        compiled = StaticDecoder(ours, B, prompt_len + new)  # inductor; mode reduce-overhead on CUDA
+        with torch.no_grad():
+            start = time.perf_counter()
+            compiled.generate(prompt, new)  # the first call compiles the step
+            if device.type != "cpu":
+                torch.accelerator.synchronize()
+            first = time.perf_counter() - start
+            runs = {
+                "dynamic": partial(generate, ours, prompt, new),
+                "static eager": partial(eager.generate, prompt, new),
+                "static compiled": partial(compiled.generate, prompt, new),
+                "transformers": partial(theirs.generate, prompt, attention_mask=torch.ones_like(prompt),
+                                        max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0),
+            }
+            outputs = {name: fn() for name, fn in runs.items()}
+            ms = timeit_interleaved(runs, device, 2 if quick else 3)
+        rate = {name: B * new / t * 1e3 for name, t in ms.items()}
+        same = all(torch.equal(out, outputs["dynamic"]) for out in outputs.values())
+        print(f"{B:>5} {rate['dynamic']:>20,.1f} {rate['static eager']:>14,.1f} {rate['static compiled']:>17,.1f} "
+              f"{rate['transformers']:>13,.1f} {rate['static compiled'] / rate['dynamic']:>14.2f}x "
+              f"{first - ms['static compiled'] / 1e3:>12.1f} {'yes' if same else 'NO':>12}")
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
 MIXERS = ("softmax (fused SDPA)", "linear, chunked", "SSD, chunked", "SSD, sequential")
 _MIXER_H, _MIXER_D, _MIXER_N, _MIXER_CHUNK = 8, 64, 64, 64  # heads, head dim, SSD state size, chunk length
 
@@ -472,8 +538,8 @@ def bench_vit(device: torch.device, quick: bool) -> None:
               f"{ms['theirs'] / ms['ours']:>8.2f}")
 
 
-BENCHMARKS = [bench_sdpa_paths, bench_kv_cache_decode, bench_bpe, bench_gpt2, bench_mixers, bench_sft, bench_rollouts,
-              bench_speculative, bench_vit]
+BENCHMARKS = [bench_sdpa_paths, bench_kv_cache_decode, bench_bpe, bench_gpt2, bench_decode, bench_mixers, bench_sft,
+              bench_rollouts, bench_speculative, bench_vit]
 
 
 def main() -> None:
