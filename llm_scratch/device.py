@@ -1,7 +1,8 @@
 """Where tensors live, and reproducible randomness.
 
 `get_device()` is the one place in the package that names an accelerator; everything else takes
-the device it is given, so the same code runs on CPU, CUDA and Apple's MPS.
+the device it is given, so the same code runs on CPU, CUDA and Apple's MPS. Code that only exists on
+CUDA (NCCL, CUDA graphs) asks `is_cuda(device)`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,22 @@ def get_device(preferred: str | torch.device | None = None) -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+CUDA = "cuda"  # the one spelling of the accelerator type other modules compare against (through is_cuda)
+
+
+def is_cuda(device: torch.device | str) -> bool:
+    """True for a CUDA device: code paths that exist only there (NCCL, CUDA graphs, device names and peaks)."""
+    return torch.device(device).type == CUDA
+
+
+def cuda_device(index: int) -> torch.device:
+    """CUDA device number `index` (e.g. a distributed process's LOCAL_RANK); ValueError if there is no such GPU."""
+    if not torch.cuda.is_available() or not 0 <= index < torch.cuda.device_count():
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise ValueError(f"CUDA device {index} was asked for, but this machine has {count} GPU(s)")
+    return torch.device(CUDA, index)
 
 
 def seed_everything(seed: int) -> None:

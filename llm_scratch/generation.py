@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llm_scratch.attention import GroupedQueryAttention, StaticKVCache
+from llm_scratch.device import is_cuda
 from llm_scratch.position.rope import RotaryEmbedding
 
 __all__ = ["generate", "logits_to_probs", "sample_next_token", "SpeculativeStats", "speculative_accept",
@@ -196,11 +197,11 @@ class StaticDecoder:
                     raise ValueError("dynamic NTK RoPE scaling needs the largest position at every step (a sync); "
                                      "the static decoder does not support it")
                 module.prepare_for_compile(device)  # its frequencies on the device, not a CPU tensor in the graph
-        if mode is None and backend == "inductor" and device.type == "cuda":
+        if mode is None and backend == "inductor" and is_cuda(device):
             mode = "reduce-overhead"
         self.mode = mode
         # the two modes that record CUDA graphs (on CUDA only)
-        self.cuda_graphs = compile and device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
+        self.cuda_graphs = compile and is_cuda(device) and mode in ("reduce-overhead", "max-autotune")
         if self.cuda_graphs:
             for cache in self.caches:
                 cache.mark_static()

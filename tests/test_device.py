@@ -51,3 +51,12 @@ def test_no_accelerator_name_outside_device_module():
         if p.name != "device.py" and ('"cuda' in p.read_text() or "'cuda" in p.read_text())
     ]
     assert offenders == []
+
+
+def test_is_cuda_and_cuda_device():
+    from llm_scratch.device import cuda_device, is_cuda
+
+    assert is_cuda("cuda") and is_cuda(torch.device("cuda", 1)) and not is_cuda("cpu") and not is_cuda("mps")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ValueError, match=f"this machine has {count} GPU"):
+        cuda_device(count)  # one past the last GPU (device 0 on a machine without CUDA)

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from llm_scratch.device import get_device
+from llm_scratch.device import cuda_device, get_device, is_cuda
 
 __all__ = ["DistributedInfo", "backend_for", "cleanup", "default_mesh", "get_rank", "get_world_size",
            "init_distributed", "is_distributed", "is_main_process"]
@@ -57,11 +57,11 @@ def backend_for(device: torch.device | str) -> str:
     """The collective-communication library for tensors on `device`: NCCL for CUDA GPUs (GPU-to-GPU over
     NVLink / InfiniBand), Gloo for CPU tensors. MPS has no torch.distributed backend."""
     device = torch.device(device)
-    if device.type == "cuda":
+    if is_cuda(device):
         return "nccl"
     if device.type == "cpu":
         return "gloo"
-    raise ValueError(f"torch.distributed has no backend for device {str(device)!r}; use 'cuda' or 'cpu' "
+    raise ValueError(f"torch.distributed has no backend for device {str(device)!r}; use a CUDA GPU or the CPU "
                      "(e.g. LLM_SCRATCH_DEVICE=cpu)")
 
 
@@ -80,7 +80,7 @@ def init_distributed(device: torch.device | str | None = None, backend: str | No
     """Join the process group torchrun set up, or do nothing when the process was not started by torchrun.
 
     device: where this process computes; None = `get_device()`. On CUDA it becomes cuda:LOCAL_RANK and is
-        made the current device, so `torch.device("cuda")` and NCCL both mean this process's GPU.
+        made the current device, so the default CUDA device and NCCL both mean this process's GPU.
     backend: None = `backend_for(device)` ("nccl" on CUDA, "gloo" on CPU).
     Calling it again once the group exists returns the same info.
     """
@@ -96,18 +96,18 @@ def init_distributed(device: torch.device | str | None = None, backend: str | No
     if not rank < world_size:
         raise ValueError(f"RANK ({rank}) must be < WORLD_SIZE ({world_size})")
     device = get_device(device)
-    if device.type == "cuda":
+    if is_cuda(device):
         if local_rank >= torch.cuda.device_count():
             raise ValueError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs here: "
                              "--nproc_per_node must not exceed the GPUs per machine")
-        device = torch.device("cuda", local_rank)
+        device = cuda_device(local_rank)
         torch.cuda.set_device(device)
     backend = backend_for(device) if backend is None else backend
     if not dist.is_initialized():
         # MASTER_ADDR / MASTER_PORT come from torchrun too (the default env:// rendezvous reads them);
         # device_id binds the NCCL communicator to this GPU up front
         dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                device_id=device if device.type == "cuda" else None)
+                                device_id=device if is_cuda(device) else None)
     return DistributedInfo(rank, world_size, local_rank, device)
 
 
@@ -135,7 +135,7 @@ def default_mesh() -> DeviceMesh:
     """A 1-D DeviceMesh over every process, on CUDA when the group talks NCCL and on the CPU otherwise."""
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("default_mesh needs a process group: call init_distributed() under torchrun first")
-    device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    device_type = get_device().type if dist.get_backend() == "nccl" else "cpu"  # NCCL: the GPUs
     return init_device_mesh(device_type, (dist.get_world_size(),))
 
 

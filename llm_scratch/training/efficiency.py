@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from llm_scratch.device import is_cuda
+
 __all__ = ["PEAK_BF16_FLOPS", "SavedTensorBytes", "checkpoint_blocks", "device_peak_flops", "mfu",
            "transformer_flops_per_token"]
 
@@ -101,7 +103,7 @@ def device_peak_flops(device: torch.device | str) -> tuple[str, float] | None:
     """(name, dense bf16 peak FLOPs/s) of a CUDA device in PEAK_BF16_FLOPS, else None (a CPU has no entry: its
     peak depends on the core count, clock and vector units, so MFU is not reported there)."""
     device = torch.device(device)
-    if device.type != "cuda":
+    if not is_cuda(device):
         return None
     name = torch.cuda.get_device_name(device)
     for key, peak in PEAK_BF16_FLOPS.items():

@@ -52,7 +52,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from llm_scratch.checkpoint import load_tensors, save_tensors
-from llm_scratch.device import get_device, get_rng_states, set_rng_states
+from llm_scratch.device import get_device, get_rng_states, is_cuda, set_rng_states
 from llm_scratch.training.efficiency import checkpoint_blocks
 from llm_scratch.training.losses import count_targets, cross_entropy_loss
 
@@ -87,7 +87,8 @@ class TrainConfig:
     eval_every: int = 100  # steps; 0 = only at the end
     eval_batches: int = 10
     # autocast: matmuls in bf16 or fp16, weights and optimizer state stay fp32; fp16's narrow exponent needs the
-    # loss scaled up before backward (a GradScaler) so small gradients do not flush to zero
+    # loss scaled up before backward (a GradScaler) so small gradients do not flush to zero. On a CPU without fp16
+    # arithmetic fp16 is emulated and several times slower than fp32 (10x measured in notebook 13/04)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False  # torch.compile the model (worth it on CUDA)
     activation_checkpointing: bool = False  # recompute each block in backward (training.efficiency)
@@ -216,7 +217,7 @@ class Trainer:
         if self.world_size > 1:
             # DDP broadcasts rank 0's parameters and buffers at construction, so every rank starts equal
             device_ids = None
-            if self.device.type == "cuda":
+            if is_cuda(self.device):
                 device_ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
             self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
         wrapped = self.ddp if self.ddp is not None else self.model
@@ -255,7 +256,8 @@ class Trainer:
         """Mean loss over the first eval_batches batches of the validation set, in order (the same every time).
 
         Under DDP a batch is batch_size x world_size windows, rank r evaluating its batch_size of them; a
-        batch's loss is the ranks' losses weighted by their target counts (all-reduced), as one process's."""
+        batch's loss is the ranks' losses weighted by their target counts (all-reduced), as one process's. Under
+        DDP call it on every rank (it all-reduces; a rank that skips it leaves the others waiting)."""
         was_training = self.model.training
         self.model.eval()
         size, global_size = self.cfg.batch_size, self.cfg.batch_size * self.world_size
