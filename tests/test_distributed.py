@@ -46,7 +46,7 @@ pytestmark = pytest.mark.distributed
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "distributed_workers" / "run_checks.py"
-CHECKS = ("init", "ddp", "fsdp", "tp_linear", "tp_models")
+CHECKS = ("init", "moe_bias", "ddp", "fsdp", "tp_linear", "tp_models")
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                 "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
 
@@ -120,6 +120,13 @@ def test_init_distributed_under_torchrun(two_ranks):
 
 
 # --- DDP ------------------------------------------------------------------------------------------------------
+
+
+def test_moe_balancing_bias_steps_on_the_load_of_all_ranks(two_ranks):
+    # loads [5, 0, 1, 2] and [0, 1, 1, 6] sum to [5, 1, 2, 8], mean 4: b_i += 0.1 * sign(4 - load_i); rank 0's
+    # load alone (mean 2) would give [-0.1, 0.1, 0.1, 0.0] and rank 1's [0.1, 0.1, 0.1, -0.1]
+    for r in _ranks(two_ranks, "moe_bias"):
+        assert r["bias"] == pytest.approx([-0.1, 0.1, 0.1, -0.1]) and r["load_after"] == [0, 0, 0, 0]
 
 
 def test_resumable_batches_give_each_rank_its_part_of_the_global_batch():

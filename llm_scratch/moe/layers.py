@@ -14,6 +14,7 @@ of its auxiliary losses on the last training forward; 0 when none is enabled or 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from llm_scratch.ffn import SwiGLU
@@ -110,9 +111,16 @@ class DeepSeekMoE(_MoEBase):
         return y if self.shared_experts is None else y + self.shared_experts(x)
 
     def update_bias(self) -> None:
-        """One loss-free balancing step from the load since the last call, then reset the load."""
+        """One loss-free balancing step from the load since the last call, then reset the load.
+
+        Under data parallelism each rank has counted only its own tokens: the loads are summed over the
+        process group first, so every rank takes the same step, the one a single process would take on the
+        global batch (DDP would otherwise overwrite the bias with rank 0's at the next forward)."""
         if self.bias_update_speed:
-            update_bias(self.router.bias, self.load, self.bias_update_speed)
+            load = self.load.to(self.router.bias.device)
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(load)
+            update_bias(self.router.bias, load, self.bias_update_speed)
         self.reset_load()
 
 

@@ -45,6 +45,7 @@ from llm_scratch.distributed import (
     save_sharded,
 )
 from llm_scratch.models import Llama3, Llama3Config
+from llm_scratch.moe.layers import DeepSeekMoE
 from llm_scratch.training import Trainer, cross_entropy_loss
 
 
@@ -299,8 +300,18 @@ def check_tp_models(out: pathlib.Path) -> dict:
     return r
 
 
-CHECKS = {"init": check_init, "ddp": check_ddp, "fsdp": check_fsdp, "tp_linear": check_tp_linear,
-          "tp_models": check_tp_models}
+def check_moe_bias(out: pathlib.Path) -> dict:
+    """DeepSeekMoE's loss-free balancing step under data parallelism: each rank counted other tokens."""
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    layer = DeepSeekMoE(8, 16, n_routed=4, n_shared=1, k=2, bias_update_speed=0.1)
+    layer.load = torch.tensor([[5, 0, 1, 2], [0, 1, 1, 6]][rank])  # summed: [5, 1, 2, 8], mean 4
+    layer.update_bias()
+    return {"bias": layer.router.bias.tolist(), "load_after": layer.load.tolist()}
+
+
+CHECKS = {"init": check_init, "moe_bias": check_moe_bias, "ddp": check_ddp, "fsdp": check_fsdp,
+          "tp_linear": check_tp_linear, "tp_models": check_tp_models}
 
 
 def main() -> None:
